@@ -9,9 +9,14 @@ from pathlib import Path
 import numpy as np
 
 
-def allocate(shape: tuple[int, ...], dtype: np.dtype | type, *, max_bytes_in_ram: int,
-             scratch_dir: Path | str | None) -> np.ndarray:
-    """Return a zeroed array in RAM, or a file-backed memmap when it would exceed `max_bytes_in_ram`.
+def allocate(
+    shape: tuple[int, ...],
+    dtype: np.dtype | type,
+    *,
+    max_bytes_in_ram: int,
+    scratch_dir: Path | str | None,
+) -> np.ndarray:
+    """A zeroed array in RAM, or a file-backed memmap when it would exceed `max_bytes_in_ram`.
 
     The backing file is unlinked straight away, so it disappears with the last reference even
     if the process is killed.

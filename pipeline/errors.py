@@ -23,7 +23,7 @@ class DecodeError(ImageError):
 
 
 class UnsupportedImageError(DecodeError):
-    """The file is a valid image of a kind we refuse rather than decode wrongly (HEIC, 12-bit JPEG...)."""
+    """A valid image we refuse rather than decode wrongly (HEIC, 12-bit JPEG, CMYK...)."""
 
 
 class ImageTooLargeError(DecodeError):

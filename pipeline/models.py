@@ -767,6 +767,7 @@ class ModelStore:
         *,
         urlopen: Callable[..., Any] = urllib.request.urlopen,
         timeout: float = 60.0,
+        auto_fetch: bool = False,
     ) -> None:
         for key, spec in registry.items():
             if key != spec.id or spec.origin != "official":
@@ -775,6 +776,7 @@ class ModelStore:
         self.registry = registry
         self._urlopen = urlopen
         self._timeout = timeout
+        self.auto_fetch = auto_fetch  # fetch a missing official model on first resolve
         self._catalogue = _Catalogue(self.cache_dir / _CATALOGUE_NAME)
         self._loaded: dict[tuple[str, str, str], LoadedModel] = {}
         self._load_locks: dict[tuple[str, str, str], threading.Lock] = {}
@@ -836,6 +838,9 @@ class ModelStore:
             raise ModelNotAvailableError(
                 f"{spec.id}: no sha256 is published or pinned for it yet; {hint} to pin one"
             )
+        if not path.is_file() and self.auto_fetch and spec.url is not None:
+            _log.info("%s: not in the cache, fetching %s", spec.id, spec.url)
+            self.fetch(spec.id)
         if not path.is_file():
             raise ModelNotAvailableError(
                 f"{spec.id}: weights are not in the cache ({path}); {hint}"

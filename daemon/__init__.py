@@ -1,0 +1,1 @@
+"""scanrestore's service side: configuration, CLI, outputs (and, later, watcher, queue, store)."""

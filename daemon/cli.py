@@ -1,0 +1,260 @@
+"""The `scanrestore` command line: one-shot processing and model management."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from daemon.config import Config, ConfigError, load_config
+from daemon.outputs import publish_version
+from pipeline import image as imageio
+from pipeline.chain import Chain, ChainConfigError, build_chain
+from pipeline.errors import ModelError, PipelineError
+from pipeline.models import ModelStore, default_cache_dir
+from pipeline.stage import StageContext
+
+__all__ = ["main"]
+
+log = logging.getLogger("scanrestore")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        config = load_config(args.config)
+        return int(args.handler(args, config))
+    except (ConfigError, ChainConfigError) as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scanrestore",
+                                     description="Restore scanned archival photographs.")
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    process = commands.add_parser("process", help="restore images once and exit")
+    process.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    process.add_argument("--out", type=Path, required=True, help="output folder")
+    process.add_argument("--scale", type=float, help="upscale factor (up to 8)")
+    process.add_argument("--model", help="upscale model id or weights file")
+    process.add_argument("--tile", type=int, help="tile size in pixels (0 = whole image)")
+    process.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    process.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    process.add_argument("--format", choices=["same", "jpeg", "png", "tiff", "webp"],
+                         help="output format (default: config, else the input's)")
+    process.add_argument("--json", action="store_true", help="one JSON object per input")
+    process.set_defaults(handler=_process)
+
+    models = commands.add_parser("models", help="list, fetch, import and verify model weights")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="registry and cache status")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_models_list)
+    fetch = actions.add_parser("fetch", help="download official weights, hash-verified")
+    fetch.add_argument("ids", nargs="+", metavar="ID")
+    fetch.set_defaults(handler=_models_fetch)
+    importing = actions.add_parser("import", help="add a local weights file to the cache")
+    importing.add_argument("path", type=Path)
+    importing.add_argument("--id", dest="model_id", help="id for a custom (non-registry) model")
+    importing.set_defaults(handler=_models_import)
+    verify = actions.add_parser("verify", help="re-hash every cached model")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(handler=_models_verify)
+    return parser
+
+
+def _store(config: Config) -> ModelStore:
+    cache = Path(config.models.cache_dir).expanduser() if config.models.cache_dir \
+        else default_cache_dir()
+    return ModelStore(cache, auto_fetch=config.models.auto_fetch)
+
+
+# ---------------------------------------------------------------- process
+
+
+@dataclass
+class _Job:
+    chain: Chain
+    ctx: StageContext
+    out: Path
+    output_format: str
+    quality: int
+    max_pixels: int
+
+
+def _process(args: argparse.Namespace, config: Config) -> int:
+    chain = build_chain(_stage_specs(config, args))
+    device = args.device or config.processing.device
+    precision = args.precision or config.processing.precision
+    if config.processing.threads:
+        import torch
+
+        torch.set_num_threads(config.processing.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    show_bar = not args.json and sys.stderr.isatty()
+    bar = _Progress(len(args.inputs)) if show_bar else None
+    job = _Job(
+        chain=chain,
+        ctx=StageContext(models=_store(config), device=device, precision=precision,
+                         seed=config.processing.seed,
+                         progress=bar.tiles if bar else None, scratch_dir=args.out),
+        out=args.out,
+        output_format=args.format or config.image.output_format,
+        quality=config.image.quality,
+        max_pixels=config.image.max_pixels,
+    )
+    failures = 0
+    for path in args.inputs:
+        record = _process_one(path, job)
+        failures += record["status"] != "ok"
+        if bar:
+            bar.file_done(record)
+        _report(record, as_json=args.json, stream=sys.stdout)
+    if bar:
+        bar.close()
+    return EXIT_OK if failures == 0 else EXIT_FAILED
+
+
+def _stage_specs(config: Config, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The configured chain with the command-line overrides applied to the upscale stage."""
+    overrides = {key: value for key, value in (("scale", args.scale), ("model", args.model),
+                                               ("tile", args.tile)) if value is not None}
+    specs = [dict(spec) for spec in config.pipeline.stages]
+    upscales = [spec for spec in specs if spec.get("kind") == "upscale"]
+    if overrides and not upscales:
+        raise ChainConfigError([f"--{key}: the chain has no upscale stage" for key in overrides])
+    for spec in upscales:
+        spec.update(overrides)
+    return specs
+
+
+def _process_one(path: Path, job: _Job) -> dict[str, Any]:
+    started = time.perf_counter()
+    record: dict[str, Any] = {"input": str(path), "output": None, "status": "ok",
+                              "error": None, "seconds": None, "stages": []}
+    try:
+        image = imageio.decode(path, max_pixels=job.max_pixels)
+        result = job.chain.run(image, job.ctx)
+        fmt = image.format if job.output_format == "same" else job.output_format
+        written: list[str] = []
+
+        def write(temp: Path) -> None:
+            written.append(imageio.encode(result.image, temp, format=fmt, quality=job.quality))
+
+        final, version = publish_version(job.out, path.stem, imageio.suffix_for(fmt), write)
+        record |= {"output": str(final), "version": version, "format": written[0],
+                   "stages": [stage.as_dict() for stage in result.stages]}
+    except PipelineError as exc:
+        record |= {"status": "error", "error": str(exc), "error_type": type(exc).__name__}
+    except (OSError, MemoryError) as exc:
+        record |= {"status": "error", "error": f"{path}: {exc}", "error_type": type(exc).__name__}
+    except Exception as exc:  # one image's bug must not stop the batch: report it whole
+        log.error("internal error on %s\n%s", path, traceback.format_exc())
+        record |= {"status": "error", "error": f"{path}: internal error: {exc!r}",
+                   "error_type": type(exc).__name__}
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _report(record: dict[str, Any], *, as_json: bool, stream: TextIO) -> None:
+    if as_json:
+        stream.write(json.dumps(record) + "\n")
+    elif record["status"] == "ok":
+        stream.write(f"ok     {record['input']} -> {record['output']} "
+                     f"({record['seconds']:.1f} s)\n")
+    else:
+        stream.write(f"FAILED {record['error']}\n")
+    stream.flush()
+
+
+class _Progress:
+    """Two tqdm bars on stderr: files done, and tiles of the current file."""
+
+    def __init__(self, files: int) -> None:
+        from tqdm import tqdm
+
+        self._files = tqdm(total=files, unit="file", position=0, file=sys.stderr)
+        self._tiles = tqdm(total=0, unit="tile", position=1, leave=False, file=sys.stderr)
+
+    def tiles(self, done: int, total: int) -> None:
+        if self._tiles.total != total or done < self._tiles.n:
+            self._tiles.reset(total=total)
+        self._tiles.update(done - self._tiles.n)
+
+    def file_done(self, record: dict[str, Any]) -> None:
+        self._files.update(1)
+
+    def close(self) -> None:
+        self._tiles.close()
+        self._files.close()
+
+
+# ---------------------------------------------------------------- models
+
+
+def _models_list(args: argparse.Namespace, config: Config) -> int:
+    rows = [{"id": spec.id, "purpose": spec.purpose, "architecture": spec.architecture,
+             "scale": spec.scale, "licence": spec.licence, "status": status,
+             "sha256": spec.sha256, "url": spec.url}
+            for spec, status in _store(config).list()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        print(f"{row['id']:<28} {row['purpose']:<8} {row['architecture']:<16} "
+              f"x{row['scale']:<2} {row['status']:<8} {row['licence']}")
+    return EXIT_OK
+
+
+def _models_fetch(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    for model_id in args.ids:
+        path = store.fetch(model_id)
+        print(f"ok     {model_id} -> {path}")
+    return EXIT_OK
+
+
+def _models_import(args: argparse.Namespace, config: Config) -> int:
+    spec = _store(config).import_file(args.path, model_id=args.model_id)
+    print(f"ok     {args.path} -> {spec.id} (sha256 {spec.sha256})")
+    return EXIT_OK
+
+
+def _models_verify(args: argparse.Namespace, config: Config) -> int:
+    results = _store(config).verify()
+    bad = [r for r in results if r.status in ("mismatch", "missing")]
+    if args.json:
+        print(json.dumps([{"id": r.spec.id, "status": r.status, "path": str(r.path),
+                           "expected_sha256": r.expected_sha256,
+                           "actual_sha256": r.actual_sha256} for r in results], indent=2))
+    else:
+        for r in results:
+            detail = f" (expected {r.expected_sha256}, got {r.actual_sha256})" \
+                if r.status == "mismatch" else ""
+            print(f"{r.status:<8} {r.spec.id} {r.path}{detail}")
+    return EXIT_OK if not bad else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Versioned outputs: `<stem>.v<N><suffix>`, written to a temporary file in the destination,
+fsynced, then published under a version number that has never been used; never overwritten."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["TEMP_MARKER", "existing_versions", "fsync_dir", "publish_version"]
+
+TEMP_MARKER = ".tmp-"  # temporary files are "._<name>.tmp-<random>"; watchers ignore them
+
+
+def existing_versions(directory: Path, stem: str) -> set[int]:
+    """Version numbers already taken by `stem` in `directory`, whatever their suffix."""
+    pattern = re.compile(re.escape(stem) + r"\.v(\d+)\.[^.]+")
+    taken = set()
+    if directory.is_dir():
+        for entry in os.scandir(directory):
+            match = pattern.fullmatch(entry.name)
+            if match:
+                taken.add(int(match.group(1)))
+    return taken
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: fsync the directory entry (a no-op where the OS refuses)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish_version(directory: Path, stem: str, suffix: str, write: Callable[[Path], object],
+                    *, minimum: int = 1) -> tuple[Path, int]:
+    """Write via `write(temp_path)` and publish as the next free version >= `minimum`.
+
+    The temporary file lives in the destination folder so the final rename is atomic. A
+    hard link publishes without ever replacing an existing file; on filesystems without hard
+    links (some SMB shares) we fall back to an existence check plus rename, safe because a
+    single daemon instance owns the output tree.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    temp = directory / f"._{stem}{suffix}{TEMP_MARKER}{secrets.token_hex(4)}"
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        version = max(existing_versions(directory, stem), default=minimum - 1) + 1
+        version = max(version, minimum)
+        while True:
+            final = directory / f"{stem}.v{version}{suffix}"
+            if _link_no_replace(temp, final):
+                break
+            version += 1
+        fsync_dir(directory)
+        return final, version
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _link_no_replace(temp: Path, final: Path) -> bool:
+    """Publish `temp` as `final` unless `final` exists; True on success."""
+    try:
+        os.link(temp, final)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                             errno.EMLINK):
+            raise
+    if final.exists():
+        return False
+    os.rename(temp, final)
+    return True

@@ -1,0 +1,190 @@
+"""Super-resolution stage: a spandrel SR model at its native scale, tiled, then resampled to the
+requested factor (as upstream Real-ESRGAN's `outscale` does)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+import spandrel
+import torch
+from pydantic import Field, model_validator
+
+from pipeline import buffers
+from pipeline.errors import StageError
+from pipeline.image import Image
+from pipeline.stage import StageContext, StageOptions, StageResult
+from pipeline.tiling import (
+    Engine,
+    TileSettings,
+    auto_overlap,
+    resolve_device,
+    resolve_precision,
+    run_tiled,
+)
+
+__all__ = ["UpscaleOptions", "UpscaleStage"]
+
+# The general v3 model's "weak denoise" twin; upstream interpolates their weights.
+DENOISE_TWINS = {"realesr-general-x4v3": "realesr-general-wdn-x4v3"}
+# ITU-R BT.601 luma, the weights OpenCV's RGB2GRAY uses, so grey in gives the same grey out.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class UpscaleOptions(StageOptions):
+    model: str = "realesrgan-x4plus"
+    scale: float = Field(4.0, gt=0, le=8)
+    denoise_strength: float | None = Field(None, ge=0, le=1)
+    denoise_model: str | None = None
+    tile: int = Field(256, ge=0)
+    overlap: int | Literal["auto"] = "auto"
+    batch: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    compile: bool = False
+    max_ram_output_mb: int = Field(1024, ge=16)
+
+    @model_validator(mode="after")
+    def _check(self) -> UpscaleOptions:
+        if 0 < self.tile < 32:
+            raise ValueError("tile: must be 0 (whole image) or at least 32")
+        if isinstance(self.overlap, int) and self.overlap < 0:
+            raise ValueError("overlap: must be >= 0 or \"auto\"")
+        if self.tile and isinstance(self.overlap, int) and self.overlap >= self.tile // 2:
+            raise ValueError("overlap: must be less than half the tile")
+        if self.denoise_strength is not None and self.denoise_model is None \
+                and self.model not in DENOISE_TWINS:
+            raise ValueError(
+                "denoise_strength: only for realesr-general-x4v3, or give denoise_model")
+        return self
+
+
+class UpscaleStage:
+    """Upscale by `scale` with a super-resolution model; alpha is resized separately."""
+
+    name: ClassVar[str] = "upscale"
+    version: ClassVar[int] = 1
+    Options: ClassVar[type[StageOptions]] = UpscaleOptions
+
+    def __init__(self, options: UpscaleOptions | None = None) -> None:
+        self.options = options or UpscaleOptions()
+        self._engines: dict[tuple[str, str], tuple[Engine, dict[str, Any]]] = {}
+
+    def run(self, image: Image, ctx: StageContext) -> StageResult:
+        opts = self.options
+        engine, model_params = self._engine(ctx)
+        rgb = image.channels == 1 and engine.in_channels == 3
+        if image.channels == 3 and engine.in_channels == 1:
+            raise StageError(f"upscale: model {opts.model} takes greyscale input only")
+        source = np.repeat(image.pixels, 3, axis=2) if rgb else image.pixels
+        overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
+        settings = TileSettings(tile=opts.tile, overlap=overlap, batch=opts.batch,
+                                max_bytes_in_ram=opts.max_ram_output_mb << 20,
+                                scratch_dir=ctx.scratch_dir)
+        tiled = run_tiled(engine, source, settings, progress=ctx.progress)
+        size = (round(image.width * opts.scale), round(image.height * opts.scale))
+        pixels = _resample(tiled.pixels, size, settings)
+        if rgb:
+            pixels = _to_grey(pixels)
+        alpha = None
+        if image.alpha is not None:
+            alpha = np.clip(cv2.resize(image.alpha, size, interpolation=cv2.INTER_LINEAR), 0, 1)
+        params = {
+            **model_params,
+            "native_scale": engine.scale,
+            "scale": opts.scale,
+            "output_size": [size[0], size[1]],
+            "resample": _resample_name(engine.scale, opts.scale),
+            "tile": tiled.tile if opts.tile else 0,
+            "overlap": overlap,
+            "batch": opts.batch,
+            "alpha": "bilinear" if alpha is not None else None,
+            "greyscale_via_rgb": rgb,
+        }
+        return StageResult(image=image.replace(pixels=pixels, alpha=alpha), params=params)
+
+    def _engine(self, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
+        """Load (once per device) the model, or the interpolated general/wdn pair."""
+        device = resolve_device(ctx.device)
+        wanted = self.options.precision if self.options.precision != "auto" else ctx.precision
+        key = (device, wanted)
+        if key not in self._engines:
+            descriptor, params = self._load(ctx, device, torch.float32)
+            precision = resolve_precision(wanted, device, descriptor)
+            if precision == "fp16":
+                descriptor, params = self._load(ctx, device, torch.float16)
+            engine = Engine(descriptor, device=device, precision=precision,
+                            compile=self.options.compile)
+            params |= {"device": device, "precision": precision, "compiled": engine.compiled}
+            self._engines[key] = (engine, params)
+        return self._engines[key]
+
+    def _load(self, ctx: StageContext, device: str,
+              dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
+        opts = self.options
+        if opts.denoise_strength is None:
+            loaded = ctx.models.load(opts.model, device=device, dtype=dtype)
+            _require_sr(loaded.descriptor, opts.model)
+            return loaded.descriptor, {
+                "model": loaded.id, "model_sha256": loaded.sha256,
+                "architecture": loaded.descriptor.architecture.id,
+            }
+        twin = opts.denoise_model or DENOISE_TWINS[opts.model]
+        general, general_ref = ctx.models.load_state_dict(opts.model)
+        weak, weak_ref = ctx.models.load_state_dict(twin)
+        descriptor = spandrel.ModelLoader(device).load_from_state_dict(
+            _interpolate(general, weak, opts.denoise_strength, opts.model, twin)).eval()
+        if dtype == torch.float16:
+            descriptor = descriptor.half()
+        _require_sr(descriptor, opts.model)
+        return descriptor, {
+            "model": general_ref.id, "model_sha256": general_ref.sha256,
+            "denoise_model": weak_ref.id, "denoise_model_sha256": weak_ref.sha256,
+            "denoise_strength": opts.denoise_strength,
+            "architecture": descriptor.architecture.id,
+        }
+
+
+def _interpolate(strong: dict[str, torch.Tensor], weak: dict[str, torch.Tensor],
+                 strength: float, strong_id: str, weak_id: str) -> dict[str, torch.Tensor]:
+    """Blend two state dicts of one architecture: strength 1 is the strong denoiser, 0 the
+    weak one (upstream's dni weights [strength, 1 - strength])."""
+    if strong.keys() != weak.keys():
+        raise StageError(f"upscale: {strong_id} and {weak_id} are not the same architecture")
+    blended = {}
+    for key, value in strong.items():
+        if value.shape != weak[key].shape:
+            raise StageError(f"upscale: {strong_id} and {weak_id} differ in shape at {key}")
+        blended[key] = strength * value.float() + (1.0 - strength) * weak[key].float()
+    return blended
+
+
+def _require_sr(descriptor: Any, model: str) -> None:
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.scale < 2:
+        raise StageError(f"upscale: model {model} is not a super-resolution model "
+                         f"({descriptor.architecture.id}, scale {descriptor.scale})")
+
+
+def _resample_name(native: int, scale: float) -> str | None:
+    if scale == native:
+        return None
+    return "area" if scale < native else "lanczos4"
+
+
+def _resample(pixels: np.ndarray, size: tuple[int, int], settings: TileSettings) -> np.ndarray:
+    """Resize the model's native-scale output to the requested size. Area averaging when
+    shrinking (Lanczos aliases there), Lanczos when enlarging beyond the model, as upstream."""
+    if (pixels.shape[1], pixels.shape[0]) == size:
+        return pixels
+    shrinking = size[0] < pixels.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    out = buffers.allocate((size[1], size[0], pixels.shape[2]), np.float32,
+                           max_bytes_in_ram=settings.max_bytes_in_ram,
+                           scratch_dir=settings.scratch_dir)
+    resized = cv2.resize(pixels, size, interpolation=interpolation)
+    out[...] = np.clip(resized.reshape(out.shape), 0.0, 1.0)
+    return out
+
+
+def _to_grey(pixels: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((pixels @ _LUMA)[..., None], dtype=np.float32)

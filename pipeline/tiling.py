@@ -1,0 +1,272 @@
+"""Tiled inference: run an image model tile by tile with feathered overlaps, so memory is
+bounded by the tile and a row of tiles, never by the whole image."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from spandrel.__helpers.size_req import pad_tensor
+
+from pipeline import buffers
+from pipeline.errors import StageError
+
+__all__ = [
+    "Engine",
+    "TileSettings",
+    "TiledResult",
+    "auto_overlap",
+    "resolve_device",
+    "resolve_precision",
+    "run_tiled",
+    "tile_starts",
+]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIN_TILE = 32
+_MIN_WEIGHT = 1e-4  # keeps every covered pixel's total weight positive
+_AUTO_OVERLAP = {"ESRGAN": 96, "Compact": 24}
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How to cut the image: `tile` input pixels a side (0 = whole image), `overlap` shared
+    between neighbours, `batch` tiles per model call."""
+
+    tile: int = 256
+    overlap: int = 16
+    batch: int = 1
+    max_bytes_in_ram: int = 1 << 30  # larger outputs go to a disk-backed buffer
+    scratch_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class TiledResult:
+    pixels: np.ndarray
+    tile: int  # the tile size actually used (smaller than asked after a CUDA out-of-memory)
+    tiles: int
+
+
+def resolve_device(device: str) -> str:
+    """Map "auto" to cuda, then mps, then cpu; reject a device this machine does not have."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":", 1)[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"device {device!r} requested but CUDA is not available")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise StageError(f"device {device!r}: must be auto, cpu, cuda[:N] or mps")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 or AMX); on plain AVX2 CPUs bf16
+    convolutions fall back to emulation and run about ten times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str, descriptor: Any) -> str:
+    """Pick the fastest precision that keeps output equal to fp32 within our tolerance.
+
+    CUDA: fp16 where the architecture supports it. CPU: bf16 autocast only where the CPU has
+    native bf16; measured on an AVX2-only EPYC it is ~10x slower than fp32 (bench/upscale.py).
+    """
+    if precision not in PRECISIONS:
+        raise StageError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
+    kind = device.split(":", 1)[0]
+    if precision == "auto":
+        if kind == "cuda":
+            return "fp16" if descriptor.supports_half else "fp32"
+        if kind == "cpu" and descriptor.supports_bfloat16 and cpu_has_fast_bf16():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and not descriptor.supports_half:
+        raise StageError(f"{descriptor.architecture.id} does not support fp16")
+    if precision == "bf16" and not descriptor.supports_bfloat16:
+        raise StageError(f"{descriptor.architecture.id} does not support bf16")
+    if precision == "fp16" and kind == "cpu":
+        raise StageError("fp16 is not supported on the CPU; use fp32 or bf16")
+    return precision
+
+
+class Engine:
+    """A spandrel image model placed on a device at a precision, called on NCHW batches.
+
+    The descriptor must already be on `device`, in fp16 for fp16 and fp32 otherwise (models are
+    shared between stages, so the engine never casts them). On the CPU the model runs
+    channels-last (oneDNN's preferred layout, ~1.5x faster for the compact models; the layout
+    change does not alter results) and bf16 runs under autocast so weights stay fp32.
+    `compile` wraps the module with torch.compile (slow first call).
+    """
+
+    def __init__(self, descriptor: Any, *, device: str, precision: str, compile: bool = False):
+        self.descriptor = descriptor
+        self.device = torch.device(device)
+        self.precision = precision
+        self.scale = int(descriptor.scale)
+        self.in_channels = int(descriptor.input_channels)
+        model = descriptor.model
+        expected = torch.float16 if precision == "fp16" else torch.float32
+        if descriptor.dtype != expected or descriptor.device != self.device:
+            raise StageError(f"engine: model is {descriptor.dtype} on {descriptor.device}, "
+                             f"expected {expected} on {self.device} for {precision}")
+        self._channels_last = self.device.type == "cpu"
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self._module = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
+
+    @torch.inference_mode()
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Upscale an NCHW float32 batch in [0, 1]; returns float32 on the CPU, clamped."""
+        height, width = batch.shape[-2:]
+        _, x = pad_tensor(batch, self.descriptor.size_requirements)
+        x = x.to(self.device, non_blocking=True)
+        if self.precision == "fp16":
+            x = x.half()
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                y = self._module(x)
+        else:
+            y = self._module(x)
+        y = y[..., : height * self.scale, : width * self.scale]
+        return y.float().clamp_(0, 1).cpu()
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of equal tiles of size `tile` covering [0, length), spread evenly so that
+    neighbours share at least `overlap` pixels. Equal shapes batch well and compile once."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def auto_overlap(descriptor: Any) -> int:
+    """Overlap (input pixels) that keeps tiled output within ~50 dB of whole-image output.
+
+    Measured with the real weights (bench/upscale.py): RRDBNet (Real-ESRGAN x4plus/x2plus) is
+    deep enough that a tile border still shifts pixels 40+ px away by a level or more; the
+    compact v3 models settle within ~16 px.
+    """
+    return _AUTO_OVERLAP.get(descriptor.architecture.id, 32)
+
+
+def _ramp(length: int) -> np.ndarray:
+    """Weights rising across an overlap of `length` pixels. The outer quarter gets weight ~0
+    (tile borders are where padding artefacts live) and the middle half ramps linearly."""
+    u = (np.arange(length, dtype=np.float32) + 0.5) / length
+    return np.clip((u - 0.25) / 0.5, _MIN_WEIGHT, 1.0)
+
+
+def _window(starts: list[int], index: int, size: int, scale: int) -> np.ndarray:
+    """1-D blending weights, in output pixels, for tile `index` of a row or column of tiles."""
+    weights = np.ones(size * scale, dtype=np.float32)
+    start = starts[index]
+    if index > 0:
+        shared = (starts[index - 1] + size - start) * scale
+        weights[:shared] *= _ramp(shared)
+    if index + 1 < len(starts):
+        shared = (start + size - starts[index + 1]) * scale
+        weights[size * scale - shared :] *= _ramp(shared)[::-1]
+    return weights
+
+
+def _batches(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def run_tiled(
+    engine: Engine,
+    pixels: np.ndarray,
+    settings: TileSettings,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> TiledResult:
+    """Run `engine` over `pixels` (H, W, C float32) tile by tile; halve the tile on CUDA OOM."""
+    tile = settings.tile or max(pixels.shape[:2])
+    while True:
+        try:
+            out, count = _run_rows(engine, pixels, tile, settings, progress)
+            return TiledResult(pixels=out, tile=tile, tiles=count)
+        except torch.OutOfMemoryError:
+            if tile // 2 < MIN_TILE:
+                raise
+            log.warning("out of memory at tile %d on %s; retrying at %d", tile, engine.device,
+                        tile // 2)
+            if engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            tile //= 2
+
+
+def _run_rows(
+    engine: Engine,
+    pixels: np.ndarray,
+    tile: int,
+    settings: TileSettings,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, int]:
+    """Accumulate weighted tiles into a buffer one tile-row high and flush finished rows."""
+    height, width, channels = pixels.shape
+    scale = engine.scale
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    overlap = min(settings.overlap, tile // 2)
+    ys = tile_starts(height, tile_h, overlap)
+    xs = tile_starts(width, tile_w, overlap)
+    out = buffers.allocate((height * scale, width * scale, channels), np.float32,
+                           max_bytes_in_ram=settings.max_bytes_in_ram,
+                           scratch_dir=settings.scratch_dir)
+    acc = np.zeros((tile_h * scale, width * scale, channels), dtype=np.float32)
+    weights = np.zeros((tile_h * scale, width * scale, 1), dtype=np.float32)
+    col_windows = [_window(xs, i, tile_w, scale) for i in range(len(xs))]
+    total, done = len(ys) * len(xs), 0
+    for row, y0 in enumerate(ys):
+        row_window = _window(ys, row, tile_h, scale)
+        for group in _batches(list(range(len(xs))), max(1, settings.batch)):
+            batch = np.stack([pixels[y0 : y0 + tile_h, xs[i] : xs[i] + tile_w] for i in group])
+            result = engine.infer(torch.from_numpy(batch.transpose(0, 3, 1, 2))).numpy()
+            for i, tile_out in zip(group, result, strict=True):
+                weight = row_window[:, None] * col_windows[i][None, :]
+                x0 = xs[i] * scale
+                acc[:, x0 : x0 + tile_w * scale] += tile_out.transpose(1, 2, 0) * weight[..., None]
+                weights[:, x0 : x0 + tile_w * scale, 0] += weight
+            done += len(group)
+            if progress is not None:
+                progress(done, total)
+        next_y = ys[row + 1] if row + 1 < len(ys) else y0 + tile_h
+        _flush(acc, weights, out, y0 * scale, (next_y - y0) * scale)
+    return out, total
+
+
+def _flush(acc: np.ndarray, weights: np.ndarray, out: np.ndarray, top: int, rows: int) -> None:
+    """Normalise the first `rows` finished rows into `out` at `top`; shift the rest up.
+
+    Dividing by the summed weights (rather than trusting the windows to sum to one) keeps the
+    blend exact wherever three tiles meet, which the evenly spread tiles allow.
+    """
+    np.divide(acc[:rows], weights[:rows], out=out[top : top + rows])
+    buffers.release_rows(out, top, top + rows)
+    keep = acc.shape[0] - rows
+    for buf in (acc, weights):
+        if keep > 0:
+            buf[:keep] = buf[rows:]
+        buf[keep:] = 0.0

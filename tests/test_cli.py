@@ -1,0 +1,189 @@
+"""The one-shot CLI: `scanrestore process` and `scanrestore models`, run in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, NO_SHARED, SHARED, shared_file
+from modelfactory import tiny_compact
+
+from daemon.cli import main
+from pipeline.models import sha256_file
+
+HOSTILE = sorted((CORPUS / "hostile_inputs").glob("*")) if SHARED.is_dir() else []
+
+
+@pytest.fixture
+def tiny_x4(tmp_path) -> Path:
+    return tiny_compact(tmp_path / "weights" / "tiny-x4.pth", scale=4)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("SCANRESTORE_CACHE_DIR", str(path))
+    return path
+
+
+def run_json(capsys, *argv: str) -> tuple[int, list[dict]]:
+    code = main(list(argv))
+    lines = capsys.readouterr().out.splitlines()
+    return code, [json.loads(line) for line in lines]
+
+
+def test_process_writes_versioned_outputs_and_json_records(tmp_path, capsys, tiny_x4, cache):
+    photo = (
+        shared_file("corpus/sr_benchmark/Set5/LR_bicubic/X4/babyx4.png")
+        if (SHARED / "corpus/sr_benchmark/Set5/LR_bicubic/X4/babyx4.png").exists()
+        else shared_file("corpus/metadata_edge_cases/exifsamples_Canon_40D.jpg")
+    )
+    out = tmp_path / "out"
+    code, records = run_json(
+        capsys,
+        "process",
+        str(photo),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_x4),
+        "--scale",
+        "2",
+        "--json",
+    )
+    assert code == 0
+    (record,) = records
+    assert {"input", "output", "status", "error", "seconds", "stages"} <= record.keys()
+    assert record["status"] == "ok" and record["error"] is None
+    assert Path(record["output"]).name == f"{photo.stem}.v1{photo.suffix}"
+    (stage,) = record["stages"]
+    assert stage["stage"] == "upscale"
+    assert stage["params"]["model_sha256"] == sha256_file(tiny_x4)
+    assert stage["params"]["scale"] == 2
+    _, again = run_json(
+        capsys,
+        "process",
+        str(photo),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_x4),
+        "--scale",
+        "2",
+        "--json",
+    )
+    assert Path(again[0]["output"]).name == f"{photo.stem}.v2{photo.suffix}"
+    assert Path(record["output"]).read_bytes() != b""
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=NO_SHARED)
+def test_every_hostile_input_fails_clearly_and_the_batch_goes_on(tmp_path, capsys, tiny_x4, cache):
+    good = shared_file("corpus/metadata_edge_cases/exifsamples_Canon_40D.jpg")
+    inputs = [*HOSTILE, good]
+    code, records = run_json(
+        capsys,
+        "process",
+        *map(str, inputs),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_x4),
+        "--scale",
+        "1",
+        "--json",
+    )
+    assert code == 1
+    assert [r["input"] for r in records] == [str(p) for p in inputs]
+    for path, record in zip(HOSTILE, records, strict=False):
+        assert record["status"] == "error", f"{path.name} was accepted"
+        assert record["error"].startswith(str(path)), record["error"]
+        assert record["error_type"] in {
+            "DecodeError",
+            "UnsupportedImageError",
+            "ImageTooLargeError",
+        }, record
+    assert records[-1]["status"] == "ok"
+    assert not [p for p in (tmp_path / "out").iterdir() if not p.name.endswith(".v1.jpg")]
+
+
+def test_exit_status_is_zero_only_when_every_input_succeeds(tmp_path, capsys, tiny_x4, cache):
+    missing = tmp_path / "nope.png"
+    code, records = run_json(
+        capsys,
+        "process",
+        str(missing),
+        "--out",
+        str(tmp_path / "o"),
+        "--model",
+        str(tiny_x4),
+        "--json",
+    )
+    assert code == 1
+    assert records[0]["status"] == "error" and str(missing) in records[0]["error"]
+
+
+def test_config_errors_exit_2_with_one_line_per_problem(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("[processing]\ndevice = 'gpu'\n[[pipeline.stages]]\nkind = 'blur'\n")
+    code = main(["--config", str(config), "process", "x.png", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [
+        f"error: {config}: processing.device: must be auto, cpu, mps, cuda or cuda:N",
+        f"error: {config}: pipeline.stages[0].kind: unknown stage 'blur' (one of upscale)",
+    ]
+
+
+def test_a_missing_official_model_says_how_to_get_it(tmp_path, capsys, cache):
+    config = tmp_path / "offline.toml"
+    config.write_text("[models]\nauto_fetch = false\n")
+    photo = shared_file("corpus/metadata_edge_cases/exifsamples_Canon_40D.jpg")
+    code, records = run_json(
+        capsys,
+        "--config",
+        str(config),
+        "process",
+        str(photo),
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+    )
+    assert code == 1
+    assert "realesrgan-x4plus" in records[0]["error"]
+    assert "scanrestore models fetch" in records[0]["error"]
+
+
+def test_models_import_list_and_verify(tmp_path, capsys, tiny_x4, cache):
+    assert main(["models", "import", str(tiny_x4), "--id", "tiny-x4"]) == 0
+    assert "tiny-x4" in capsys.readouterr().out
+    assert main(["models", "list", "--json"]) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["tiny-x4"]["status"] == "present"
+    assert rows["realesrgan-x4plus"]["status"] == "missing"
+    assert main(["models", "verify"]) == 0
+    assert "ok" in capsys.readouterr().out
+    stored = next(cache.rglob("*.pth"))
+    stored.write_bytes(stored.read_bytes()[:-10])
+    assert main(["models", "verify", "--json"]) == 1
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["status"] == "mismatch" and result["expected_sha256"] == sha256_file(tiny_x4)
+
+
+def test_models_fetch_failure_is_reported_not_raised(tmp_path, capsys, cache):
+    assert main(["models", "fetch", "no-such-model"]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "process" in result.stdout and "models" in result.stdout

@@ -1,0 +1,112 @@
+"""Configuration: the shipped file is valid and complete; each kind of mistake is one clear line."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from daemon.config import Config, ConfigError, load_config, parse_config
+from pipeline.stages import STAGES
+
+SHIPPED = Path(__file__).resolve().parents[1] / "config.toml"
+
+
+def test_shipped_config_validates():
+    config = load_config(SHIPPED)
+    assert config.chain().stages[0].name == "upscale"
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    names = set()
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names |= _fields(kind, f"{prefix}{name}.")
+        else:
+            names.add(f"{prefix}{name}")
+    return names
+
+
+def _documented_keys(text: str) -> set[str]:
+    """Keys set or shown (commented out) in the TOML, with their section path."""
+    keys, section = set(), ""
+    for raw in text.splitlines():
+        line = raw.lstrip("# ").strip()
+        if line.startswith("[[") or (line.startswith("[") and line.endswith("]")):
+            section = line.strip("[]") + "."
+        elif "=" in line and line.split("=", 1)[0].strip().isidentifier():
+            keys.add(section + line.split("=", 1)[0].strip())
+    return keys
+
+
+def test_shipped_config_documents_every_option():
+    text = SHIPPED.read_text()
+    keys = _documented_keys(text)
+    missing = {f for f in _fields(Config) if f != "pipeline.stages"} - keys
+    assert not missing, f"config.toml does not document {sorted(missing)}"
+    stage_kinds = {t["kind"] for t in tomllib.loads(text)["pipeline"]["stages"]}
+    for kind in stage_kinds:
+        options = {f"pipeline.stages.{name}" for name in STAGES[kind].Options.model_fields}
+        assert not options - keys, f"config.toml does not document {sorted(options - keys)}"
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        ("[processing]\ndevise = 'cpu'\n", "cfg.toml: processing.devise: unknown key"),
+        ("[processing]\ndevice = 'gpu'\n", "cfg.toml: processing.device: must be auto, cpu"),
+        ("[image]\nquality = 101\n", "cfg.toml: image.quality: Input should be less than or equal"),
+        ("[image]\nmax_pixels = 'many'\n", "cfg.toml: image.max_pixels: Input should be a valid"),
+        (
+            "[[pipeline.stages]]\nkind = 'sharpen'\n",
+            "cfg.toml: pipeline.stages[0].kind: unknown stage 'sharpen'",
+        ),
+        ("[[pipeline.stages]]\nscale = 2\n", "cfg.toml: pipeline.stages[0].kind: missing"),
+        (
+            "[[pipeline.stages]]\nkind = 'upscale'\ntile = 8\n",
+            "cfg.toml: pipeline.stages[0].tile: must be 0 (whole image) or at least 32",
+        ),
+        (
+            "[[pipeline.stages]]\nkind = 'upscale'\ncolour = 1\n",
+            "cfg.toml: pipeline.stages[0].colour: unknown option",
+        ),
+        (
+            "[[pipeline.stages]]\nkind = 'upscale'\n"
+            "[[pipeline.stages]]\nkind = 'upscale'\nscale = 99\n",
+            "cfg.toml: pipeline.stages[1].scale: Input should be less than or equal to 8",
+        ),
+        ("[image\n", "cfg.toml: not valid TOML"),
+    ],
+)
+def test_each_mistake_is_reported_with_file_and_key_path(tmp_path, toml, line):
+    path = tmp_path / "cfg.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = [p.replace(str(path), "cfg.toml") for p in caught.value.problems]
+    assert any(p.startswith(line) for p in problems), problems
+    assert all("\n" not in p for p in problems)
+
+
+def test_all_mistakes_are_reported_at_once():
+    data = {
+        "processing": {"device": "gpu", "seed": "x"},
+        "pipeline": {"stages": [{"kind": "upscale", "tile": 8}, {"kind": "nope"}]},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, source="c.toml")
+    assert len(caught.value.problems) == 4
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_is_frozen():
+    config = Config()
+    with pytest.raises(Exception, match="frozen"):
+        config.processing.device = "cpu"  # type: ignore[misc]

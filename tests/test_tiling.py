@@ -1,0 +1,183 @@
+"""Tiled inference: coverage, seamless blending, disk-backed outputs, OOM retry, real weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_file
+from modelfactory import tiny_compact, tiny_rrdbnet
+
+from pipeline.errors import StageError
+from pipeline.models import ModelStore
+from pipeline.tiling import (
+    Engine,
+    TileSettings,
+    resolve_device,
+    resolve_precision,
+    run_tiled,
+    tile_starts,
+)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR after 8-bit rounding, as the targets are stated."""
+    a8, b8 = np.rint(a * 255), np.rint(b * 255)
+    mse = float(np.mean((a8 - b8) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def engine_for(path, tmp_path, precision="fp32") -> Engine:
+    loaded = ModelStore(tmp_path / "cache").load(str(path))
+    return Engine(loaded.descriptor, device="cpu", precision=precision)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    smooth = rng.random((height // 8 + 2, width // 8 + 2, 3)).astype(np.float32)
+    import cv2
+
+    base = cv2.resize(smooth, (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(base + 0.05 * rng.standard_normal((height, width, 3)), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"),
+    [(300, 256, 64), (400, 256, 128), (1000, 256, 96), (97, 32, 8), (256, 256, 16), (10, 256, 16)],
+)
+def test_tile_starts_cover_the_length_with_at_least_the_overlap(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    size = min(tile, length)
+    assert starts[0] == 0
+    assert starts[-1] + size == length
+    for a, b in itertools.pairwise(starts):
+        assert a + size - b >= overlap  # neighbours share at least the overlap
+        assert b > a
+
+
+def test_tiled_output_equals_whole_image_for_a_model_with_small_receptive_field(tmp_path):
+    # Two 3x3 convs see 2 px around each pixel: with 16 px of overlap, tiling must be exact
+    # up to float summation order, which proves the blend weights are seamless.
+    engine = engine_for(tiny_compact(tmp_path / "c.pth", num_conv=1), tmp_path)
+    image = random_image(150, 205)
+    whole = run_tiled(engine, image, TileSettings(tile=0)).pixels
+    for tile in (48, 64, 100):
+        tiled = run_tiled(engine, image, TileSettings(tile=tile, overlap=16)).pixels
+        assert tiled.shape == (600, 820, 3)
+        np.testing.assert_allclose(tiled, whole, atol=2e-5)
+
+
+def test_batched_tiles_give_the_same_output_as_single_tiles(tmp_path):
+    engine = engine_for(tiny_rrdbnet(tmp_path / "r.pth", scale=2), tmp_path)
+    image = random_image(90, 130)
+    one = run_tiled(engine, image, TileSettings(tile=48, overlap=8, batch=1)).pixels
+    four = run_tiled(engine, image, TileSettings(tile=48, overlap=8, batch=4)).pixels
+    np.testing.assert_allclose(one, four, atol=1e-5)
+
+
+def test_large_output_goes_to_a_disk_backed_buffer_with_the_same_pixels(tmp_path):
+    engine = engine_for(tiny_compact(tmp_path / "c.pth", num_conv=1), tmp_path)
+    image = random_image(120, 90)
+    in_ram = run_tiled(engine, image, TileSettings(tile=40, overlap=8)).pixels
+    on_disk = run_tiled(
+        engine, image, TileSettings(tile=40, overlap=8, max_bytes_in_ram=1024, scratch_dir=tmp_path)
+    ).pixels
+    assert isinstance(on_disk, np.memmap)
+    assert not isinstance(in_ram, np.memmap)
+    np.testing.assert_array_equal(np.asarray(on_disk), in_ram)
+    assert not list(tmp_path.glob(".scanrestore-buf-*"))  # the backing file is unlinked
+
+
+def test_progress_reports_every_tile(tmp_path):
+    engine = engine_for(tiny_compact(tmp_path / "c.pth", num_conv=1), tmp_path)
+    seen = []
+    result = run_tiled(
+        engine,
+        random_image(100, 100),
+        TileSettings(tile=40, overlap=8),
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen[-1] == (result.tiles, result.tiles)
+    assert [done for done, _ in seen] == list(range(1, result.tiles + 1))
+
+
+class _OomOverTile(Engine):
+    """An engine that behaves like a GPU with room for tiles up to `limit` pixels a side."""
+
+    limit = 40
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if max(batch.shape[-2:]) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().infer(batch)
+
+
+def test_out_of_memory_halves_the_tile_and_retries(tmp_path):
+    loaded = ModelStore(tmp_path / "cache").load(str(tiny_compact(tmp_path / "c.pth", num_conv=1)))
+    engine = _OomOverTile(loaded.descriptor, device="cpu", precision="fp32")
+    image = random_image(100, 120)
+    result = run_tiled(engine, image, TileSettings(tile=128, overlap=16))
+    assert result.tile == 32
+    reference = Engine(loaded.descriptor, device="cpu", precision="fp32")
+    np.testing.assert_allclose(
+        result.pixels, run_tiled(reference, image, TileSettings(tile=0)).pixels, atol=2e-5
+    )
+
+
+def test_out_of_memory_below_the_minimum_tile_is_raised(tmp_path):
+    loaded = ModelStore(tmp_path / "cache").load(str(tiny_compact(tmp_path / "c.pth")))
+    engine = _OomOverTile(loaded.descriptor, device="cpu", precision="fp32")
+    engine.limit = 8
+    with pytest.raises(torch.OutOfMemoryError):
+        run_tiled(engine, random_image(100, 100), TileSettings(tile=64, overlap=8))
+
+
+def test_auto_precision_is_exact_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
+    import pipeline.tiling as tiling
+
+    loaded = ModelStore(tmp_path / "cache").load(str(tiny_compact(tmp_path / "c.pth")))
+    monkeypatch.setattr(tiling, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu", loaded.descriptor) == "fp32"
+    monkeypatch.setattr(tiling, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu", loaded.descriptor) == "bf16"
+    assert resolve_precision("auto", "cuda", loaded.descriptor) == "fp16"
+    with pytest.raises(StageError, match="fp16 is not supported on the CPU"):
+        resolve_precision("fp16", "cpu", loaded.descriptor)
+
+
+def test_an_unknown_device_is_refused():
+    with pytest.raises(StageError, match="device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", [192, 224])
+def test_real_x4plus_tiled_agrees_with_whole_image_at_50_db(tmp_path, tile):
+    """Real weights on a real photo, tiles that do not divide it, automatic overlap."""
+    import cv2
+
+    from pipeline.tiling import auto_overlap
+
+    weights = shared_file("weights/RealESRGAN_x4plus.from-ncnn.pth")
+    photo = shared_file("corpus/sr_benchmark/Set14/HR/baboon.png")
+    image = cv2.imread(str(photo))[:260, :300, ::-1].astype(np.float32) / 255
+    image = np.ascontiguousarray(image)
+    engine = engine_for(weights, tmp_path)
+    whole = _whole_x4plus(engine, image)
+    overlap = auto_overlap(engine.descriptor)
+    tiled = run_tiled(engine, image, TileSettings(tile=tile, overlap=overlap)).pixels
+    assert 300 % tile and 260 % tile
+    assert psnr(tiled, whole) >= 50.0
+
+
+_WHOLE: dict[str, np.ndarray] = {}
+
+
+def _whole_x4plus(engine: Engine, image: np.ndarray) -> np.ndarray:
+    # The whole-image reference is the slow part: compute it once for both tile sizes.
+    if "x4plus" not in _WHOLE:
+        _WHOLE["x4plus"] = run_tiled(engine, image, TileSettings(tile=0)).pixels
+    return _WHOLE["x4plus"]
