@@ -244,6 +244,7 @@ def _check_pixel_count(path: Path, width: int, height: int, max_pixels: int) -> 
 
 def _assemble(path: Path, kind: str, decoded: _Decoded) -> Image:
     """Make the stored samples upright, split off alpha and scale to float32 in [0, 1]."""
+    _check_exif(path, decoded.metadata.exif)
     samples = decoded.samples
     if samples.ndim == 2:
         samples = samples[:, :, np.newaxis]
@@ -257,6 +258,18 @@ def _assemble(path: Path, kind: str, decoded: _Decoded) -> Image:
         np.divide(pixels, alpha[:, :, np.newaxis], out=pixels, where=alpha[:, :, np.newaxis] > 0)
         np.minimum(pixels, 1.0, out=pixels)
     return Image(pixels, alpha, decoded.bit_depth, kind, decoded.metadata, source=path)
+
+
+def _check_exif(path: Path, exif: bytes | None) -> None:
+    """Refuse an EXIF block we cannot parse: carrying it blind or dropping it silently would
+    both lose the photo's metadata, and its orientation could not be trusted either."""
+    if not exif:
+        return
+    try:
+        layout = _tiff_layout(exif)
+        _read_ifd(exif, layout.first_ifd, layout)
+    except (_ExifError, struct.error) as exc:
+        raise DecodeError(path, f"malformed EXIF block: {exc}") from exc
 
 
 def _orient(samples: np.ndarray, orientation: int) -> np.ndarray:
@@ -358,15 +371,23 @@ def _decode_jpeg(path: Path, max_pixels: int) -> _Decoded:
 def _jpeg_frame(path: Path, data: bytes) -> _JpegFrame:
     """Walk the marker segments up to the first scan and refuse what we cannot decode faithfully.
 
-    Bytes between segments that belong to no segment are left out of the returned stream: libjpeg
-    skips them too but reports "corrupt data", which the strict decode would treat as fatal
-    although no pixel depends on them. Damage after the first scan header stays fatal.
+    Bytes between segments that belong to no segment mean a segment length is wrong or the
+    header was overwritten: the metadata segments around them can no longer be trusted, so the
+    file is refused as damaged rather than restored with possibly garbled metadata.
     """
     parts = [data[:2]]
     frame: tuple[int, int, int] | None = None
     pos = 2
     while True:
+        expected = pos
         marker, pos = _next_jpeg_marker(path, data, pos)
+        stray = data[expected : pos - 2].lstrip(b"\xff")  # 0xFF fill bytes are legal
+        if stray:
+            raise DecodeError(
+                path,
+                f"damaged JPEG header: {len(stray)} stray bytes before marker 0xFF{marker:02X} "
+                f"at byte {pos - 2} (a segment length is wrong)",
+            )
         if marker in _JPEG_STANDALONE:
             parts.append(bytes((0xFF, marker)))
             continue
@@ -476,6 +497,7 @@ def _decode_png(path: Path, max_pixels: int) -> _Decoded:
     header = _png_header(path, next(chunks, None))
     _check_pixel_count(path, header.width, header.height, max_pixels)
     metadata = _png_metadata(path, chunks)  # structural damage is reported before refusals
+    _check_png_stream_end(path, data)
     if header.colour_type == 0 and header.depth == 1:
         raise UnsupportedImageError(path, "1-bit bilevel PNG: restoration needs continuous tone")
     # Every chunk and CRC is verified above; libpng (via imagecodecs) then rejects bad zlib data,
@@ -487,6 +509,23 @@ def _decode_png(path: Path, max_pixels: int) -> _Decoded:
         raise DecodeError(path, f"PNG decoded to {samples.shape} {samples.dtype}, not its header")
     has_alpha = samples.ndim == 3 and samples.shape[2] in (2, 4)
     return _Decoded(samples, has_alpha, 16 if header.depth == 16 else 8, metadata)
+
+
+def _check_png_stream_end(path: Path, data: bytes) -> None:
+    """Refuse image data that goes on after the compressed stream ends (libpng only warns):
+    the file was damaged or spliced, and which part is the image cannot be known."""
+    inflater = zlib.decompressobj()
+    idat = (body for kind, body in _png_chunks(path, data) if kind == b"IDAT")
+    for body in idat:
+        pending = bytes(body)
+        while pending and not inflater.eof:
+            try:
+                inflater.decompress(pending, 1 << 20)  # bounded: output is discarded
+            except zlib.error as exc:
+                raise DecodeError(path, f"damaged PNG image data: {exc}") from exc
+            pending = inflater.unconsumed_tail
+        if inflater.eof and (inflater.unused_data or pending or next(idat, None) is not None):
+            raise DecodeError(path, "PNG has image data after the end of its compressed stream")
 
 
 def _png_chunks(path: Path, data: bytes) -> Iterator[tuple[bytes, memoryview]]:

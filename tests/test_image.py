@@ -8,6 +8,7 @@ import mmap
 import struct
 import threading
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -488,16 +489,24 @@ def test_pixel_dimension_widens_from_short_to_long_when_needed(tmp_path):
     assert after["Exif"][piexif.ExifIFD.PixelXDimension] == 70000
 
 
-def test_unparseable_exif_is_dropped_knowingly_not_fatal(tmp_path, caplog):
-    hostile = b"II*\x00\xff\xff\xff\x7f" + bytes(16)  # first directory far outside the block
+HOSTILE_EXIF = b"II*\x00\xff\xff\xff\x7f" + bytes(16)  # first directory far outside the block
+
+
+def test_unparseable_exif_refuses_the_file_naming_it(tmp_path):
     source = tmp_path / "hostile.png"
-    PILImage.fromarray(quadrants()).save(source, exif=b"Exif\x00\x00" + hostile)
+    PILImage.fromarray(quadrants()).save(source, exif=b"Exif\x00\x00" + HOSTILE_EXIF)
+    with pytest.raises(DecodeError, match=r"hostile\.png: malformed EXIF block: directory"):
+        decode(source)
 
+
+def test_encode_drops_an_unparseable_exif_block_knowingly(tmp_path, caplog):
+    # Images built in code (not decoded) can still carry a bad block: encode logs and drops it.
+    source = tmp_path / "clean.png"
+    PILImage.fromarray(quadrants()).save(source)
     decoded = decode(source)
+    hostile = decoded.replace(metadata=replace(decoded.metadata, exif=HOSTILE_EXIF))
     with caplog.at_level(logging.WARNING, logger="pipeline.image"):
-        encode(decoded, tmp_path / "out.png")
-
-    assert decoded.metadata.exif == hostile and decoded.metadata.orientation == 1
+        encode(hostile, tmp_path / "out.png")
     assert decode(tmp_path / "out.png").metadata.exif is None
     assert "EXIF block dropped" in caplog.text
 
@@ -703,15 +712,37 @@ def test_corrupt_jpeg_scan_data_is_refused_not_returned_damaged(tmp_path):
         decode(damaged)
 
 
-def test_stray_bytes_between_jpeg_header_segments_are_tolerated(tmp_path):
+def test_stray_bytes_between_jpeg_header_segments_refuse_the_file(tmp_path):
     clean = tmp_path / "clean.jpg"
     PILImage.fromarray(quadrants()).save(clean)
     data = clean.read_bytes()
     after_app0 = 4 + int.from_bytes(data[4:6], "big")
     stray = tmp_path / "stray.jpg"
     stray.write_bytes(data[:after_app0] + b"\x00junk" + data[after_app0:])
+    with pytest.raises(DecodeError, match=r"stray\.jpg: damaged JPEG header: 5 stray bytes"):
+        decode(stray)
 
-    np.testing.assert_array_equal(decode(stray).pixels, decode(clean).pixels)
+
+def test_fill_bytes_before_a_jpeg_marker_are_legal(tmp_path):
+    clean = tmp_path / "clean.jpg"
+    PILImage.fromarray(quadrants()).save(clean)
+    data = clean.read_bytes()
+    after_app0 = 4 + int.from_bytes(data[4:6], "big")
+    filled = tmp_path / "filled.jpg"
+    filled.write_bytes(data[:after_app0] + b"\xff\xff\xff" + data[after_app0:])
+    np.testing.assert_array_equal(decode(filled).pixels, decode(clean).pixels)
+
+
+def test_png_image_data_after_the_compressed_stream_is_refused(tmp_path):
+    clean = crafted_png(4, 2)
+    iend = clean.rindex(b"IEND") - 4
+    extra = zlib.compress(b"\x00" * 16)
+    chunk = struct.pack(">I", len(extra)) + b"IDAT" + extra
+    chunk += struct.pack(">I", zlib.crc32(b"IDAT" + extra))
+    path = tmp_path / "surplus.png"
+    path.write_bytes(clean[:iend] + chunk + clean[iend:])
+    with pytest.raises(DecodeError, match="after the end of its compressed stream"):
+        decode(path)
 
 
 def test_png_with_a_bad_crc_is_refused(tmp_path):
