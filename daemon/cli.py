@@ -31,9 +31,11 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         config = load_config(args.config)
         return int(args.handler(args, config))
@@ -47,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scanrestore",
-                                     description="Restore scanned archival photographs.")
+    parser = argparse.ArgumentParser(
+        prog="scanrestore", description="Restore scanned archival photographs."
+    )
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,8 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     process.add_argument("--tile", type=int, help="tile size in pixels (0 = whole image)")
     process.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     process.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
-    process.add_argument("--format", choices=["same", "jpeg", "png", "tiff", "webp"],
-                         help="output format (default: config, else the input's)")
+    process.add_argument(
+        "--format",
+        choices=["same", "jpeg", "png", "tiff", "webp"],
+        help="output format (default: config, else the input's)",
+    )
     process.add_argument("--json", action="store_true", help="one JSON object per input")
     process.set_defaults(handler=_process)
 
@@ -85,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _store(config: Config) -> ModelStore:
-    cache = Path(config.models.cache_dir).expanduser() if config.models.cache_dir \
+    cache = (
+        Path(config.models.cache_dir).expanduser()
+        if config.models.cache_dir
         else default_cache_dir()
+    )
     return ModelStore(cache, auto_fetch=config.models.auto_fetch)
 
 
@@ -116,9 +125,14 @@ def _process(args: argparse.Namespace, config: Config) -> int:
     bar = _Progress(len(args.inputs)) if show_bar else None
     job = _Job(
         chain=chain,
-        ctx=StageContext(models=_store(config), device=device, precision=precision,
-                         seed=config.processing.seed,
-                         progress=bar.tiles if bar else None, scratch_dir=args.out),
+        ctx=StageContext(
+            models=_store(config),
+            device=device,
+            precision=precision,
+            seed=config.processing.seed,
+            progress=bar.tiles if bar else None,
+            scratch_dir=args.out,
+        ),
         out=args.out,
         output_format=args.format or config.image.output_format,
         quality=config.image.quality,
@@ -138,8 +152,11 @@ def _process(args: argparse.Namespace, config: Config) -> int:
 
 def _stage_specs(config: Config, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The configured chain with the command-line overrides applied to the upscale stage."""
-    overrides = {key: value for key, value in (("scale", args.scale), ("model", args.model),
-                                               ("tile", args.tile)) if value is not None}
+    overrides = {
+        key: value
+        for key, value in (("scale", args.scale), ("model", args.model), ("tile", args.tile))
+        if value is not None
+    }
     specs = [dict(spec) for spec in config.pipeline.stages]
     upscales = [spec for spec in specs if spec.get("kind") == "upscale"]
     if overrides and not upscales:
@@ -151,8 +168,14 @@ def _stage_specs(config: Config, args: argparse.Namespace) -> list[dict[str, Any
 
 def _process_one(path: Path, job: _Job) -> dict[str, Any]:
     started = time.perf_counter()
-    record: dict[str, Any] = {"input": str(path), "output": None, "status": "ok",
-                              "error": None, "seconds": None, "stages": []}
+    record: dict[str, Any] = {
+        "input": str(path),
+        "output": None,
+        "status": "ok",
+        "error": None,
+        "seconds": None,
+        "stages": [],
+    }
     try:
         image = imageio.decode(path, max_pixels=job.max_pixels)
         result = job.chain.run(image, job.ctx)
@@ -163,16 +186,23 @@ def _process_one(path: Path, job: _Job) -> dict[str, Any]:
             written.append(imageio.encode(result.image, temp, format=fmt, quality=job.quality))
 
         final, version = publish_version(job.out, path.stem, imageio.suffix_for(fmt), write)
-        record |= {"output": str(final), "version": version, "format": written[0],
-                   "stages": [stage.as_dict() for stage in result.stages]}
+        record |= {
+            "output": str(final),
+            "version": version,
+            "format": written[0],
+            "stages": [stage.as_dict() for stage in result.stages],
+        }
     except PipelineError as exc:
         record |= {"status": "error", "error": str(exc), "error_type": type(exc).__name__}
     except (OSError, MemoryError) as exc:
         record |= {"status": "error", "error": f"{path}: {exc}", "error_type": type(exc).__name__}
     except Exception as exc:  # one image's bug must not stop the batch: report it whole
         log.error("internal error on %s\n%s", path, traceback.format_exc())
-        record |= {"status": "error", "error": f"{path}: internal error: {exc!r}",
-                   "error_type": type(exc).__name__}
+        record |= {
+            "status": "error",
+            "error": f"{path}: internal error: {exc!r}",
+            "error_type": type(exc).__name__,
+        }
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
 
@@ -181,8 +211,9 @@ def _report(record: dict[str, Any], *, as_json: bool, stream: TextIO) -> None:
     if as_json:
         stream.write(json.dumps(record) + "\n")
     elif record["status"] == "ok":
-        stream.write(f"ok     {record['input']} -> {record['output']} "
-                     f"({record['seconds']:.1f} s)\n")
+        stream.write(
+            f"ok     {record['input']} -> {record['output']} ({record['seconds']:.1f} s)\n"
+        )
     else:
         stream.write(f"FAILED {record['error']}\n")
     stream.flush()
@@ -214,16 +245,27 @@ class _Progress:
 
 
 def _models_list(args: argparse.Namespace, config: Config) -> int:
-    rows = [{"id": spec.id, "purpose": spec.purpose, "architecture": spec.architecture,
-             "scale": spec.scale, "licence": spec.licence, "status": status,
-             "sha256": spec.sha256, "url": spec.url}
-            for spec, status in _store(config).list()]
+    rows = [
+        {
+            "id": spec.id,
+            "purpose": spec.purpose,
+            "architecture": spec.architecture,
+            "scale": spec.scale,
+            "licence": spec.licence,
+            "status": status,
+            "sha256": spec.sha256,
+            "url": spec.url,
+        }
+        for spec, status in _store(config).list()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for row in rows:
-        print(f"{row['id']:<28} {row['purpose']:<8} {row['architecture']:<16} "
-              f"x{row['scale']:<2} {row['status']:<8} {row['licence']}")
+        print(
+            f"{row['id']:<28} {row['purpose']:<8} {row['architecture']:<16} "
+            f"x{row['scale']:<2} {row['status']:<8} {row['licence']}"
+        )
     return EXIT_OK
 
 
@@ -245,13 +287,28 @@ def _models_verify(args: argparse.Namespace, config: Config) -> int:
     results = _store(config).verify()
     bad = [r for r in results if r.status in ("mismatch", "missing")]
     if args.json:
-        print(json.dumps([{"id": r.spec.id, "status": r.status, "path": str(r.path),
-                           "expected_sha256": r.expected_sha256,
-                           "actual_sha256": r.actual_sha256} for r in results], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": r.spec.id,
+                        "status": r.status,
+                        "path": str(r.path),
+                        "expected_sha256": r.expected_sha256,
+                        "actual_sha256": r.actual_sha256,
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
     else:
         for r in results:
-            detail = f" (expected {r.expected_sha256}, got {r.actual_sha256})" \
-                if r.status == "mismatch" else ""
+            detail = (
+                f" (expected {r.expected_sha256}, got {r.actual_sha256})"
+                if r.status == "mismatch"
+                else ""
+            )
             print(f"{r.status:<8} {r.spec.id} {r.path}{detail}")
     return EXIT_OK if not bad else EXIT_FAILED
 

@@ -41,8 +41,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish_version(directory: Path, stem: str, suffix: str, write: Callable[[Path], object],
-                    *, minimum: int = 1) -> tuple[Path, int]:
+def publish_version(
+    directory: Path, stem: str, suffix: str, write: Callable[[Path], object], *, minimum: int = 1
+) -> tuple[Path, int]:
     """Write via `write(temp_path)` and publish as the next free version >= `minimum`.
 
     The temporary file lives in the destination folder so the final rename is atomic. A
@@ -77,8 +78,13 @@ def _link_no_replace(temp: Path, final: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
-                             errno.EMLINK):
+        if exc.errno not in (
+            errno.EPERM,
+            errno.ENOTSUP,
+            errno.EOPNOTSUPP,
+            errno.EXDEV,
+            errno.EMLINK,
+        ):
             raise
     if final.exists():
         return False

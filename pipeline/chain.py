@@ -37,8 +37,13 @@ class StageRecord:
     skipped: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.name, "version": self.version, "params": dict(self.params),
-                "seconds": round(self.seconds, 3), "skipped": self.skipped}
+        return {
+            "stage": self.name,
+            "version": self.version,
+            "params": dict(self.params),
+            "seconds": round(self.seconds, 3),
+            "skipped": self.skipped,
+        }
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,10 @@ class Chain:
 
     def describe(self) -> list[dict[str, Any]]:
         """The chain's recipe: kinds, versions and options, before anything runs."""
-        return [{"stage": s.name, "version": s.version,
-                 "options": s.options.model_dump(mode="json")} for s in self.stages]
+        return [
+            {"stage": s.name, "version": s.version, "options": s.options.model_dump(mode="json")}
+            for s in self.stages
+        ]
 
     def run(self, image: Image, ctx: StageContext) -> ChainResult:
         records: list[StageRecord] = []
@@ -63,8 +70,15 @@ class Chain:
         for stage in self.stages:
             started = time.perf_counter()
             result = stage.run(image, ctx)
-            records.append(StageRecord(stage.name, stage.version, result.params,
-                                       time.perf_counter() - started, result.skipped))
+            records.append(
+                StageRecord(
+                    stage.name,
+                    stage.version,
+                    result.params,
+                    time.perf_counter() - started,
+                    result.skipped,
+                )
+            )
             if result.mask is not None:
                 masks[stage.name] = result.mask
             image = result.image
@@ -84,8 +98,9 @@ def build_chain(specs: Sequence[Mapping[str, Any]], *, path: str = "pipeline.sta
             problems.append(f"{where}.kind: missing (one of {', '.join(sorted(STAGES))})")
             continue
         if kind not in STAGES:
-            problems.append(f"{where}.kind: unknown stage {kind!r} "
-                            f"(one of {', '.join(sorted(STAGES))})")
+            problems.append(
+                f"{where}.kind: unknown stage {kind!r} (one of {', '.join(sorted(STAGES))})"
+            )
             continue
         stage_cls = STAGES[kind]
         try:

@@ -49,13 +49,17 @@ class UpscaleOptions(StageOptions):
         if 0 < self.tile < 32:
             raise ValueError("tile: must be 0 (whole image) or at least 32")
         if isinstance(self.overlap, int) and self.overlap < 0:
-            raise ValueError("overlap: must be >= 0 or \"auto\"")
+            raise ValueError('overlap: must be >= 0 or "auto"')
         if self.tile and isinstance(self.overlap, int) and self.overlap >= self.tile // 2:
             raise ValueError("overlap: must be less than half the tile")
-        if self.denoise_strength is not None and self.denoise_model is None \
-                and self.model not in DENOISE_TWINS:
+        if (
+            self.denoise_strength is not None
+            and self.denoise_model is None
+            and self.model not in DENOISE_TWINS
+        ):
             raise ValueError(
-                "denoise_strength: only for realesr-general-x4v3, or give denoise_model")
+                "denoise_strength: only for realesr-general-x4v3, or give denoise_model"
+            )
         return self
 
 
@@ -78,9 +82,13 @@ class UpscaleStage:
             raise StageError(f"upscale: model {opts.model} takes greyscale input only")
         source = np.repeat(image.pixels, 3, axis=2) if rgb else image.pixels
         overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
-        settings = TileSettings(tile=opts.tile, overlap=overlap, batch=opts.batch,
-                                max_bytes_in_ram=opts.max_ram_output_mb << 20,
-                                scratch_dir=ctx.scratch_dir)
+        settings = TileSettings(
+            tile=opts.tile,
+            overlap=overlap,
+            batch=opts.batch,
+            max_bytes_in_ram=opts.max_ram_output_mb << 20,
+            scratch_dir=ctx.scratch_dir,
+        )
         tiled = run_tiled(engine, source, settings, progress=ctx.progress)
         size = (round(image.width * opts.scale), round(image.height * opts.scale))
         pixels = _resample(tiled.pixels, size, settings)
@@ -113,40 +121,55 @@ class UpscaleStage:
             precision = resolve_precision(wanted, device, descriptor)
             if precision == "fp16":
                 descriptor, params = self._load(ctx, device, torch.float16)
-            engine = Engine(descriptor, device=device, precision=precision,
-                            compile=self.options.compile)
+            engine = Engine(
+                descriptor, device=device, precision=precision, compile=self.options.compile
+            )
             params |= {"device": device, "precision": precision, "compiled": engine.compiled}
             self._engines[key] = (engine, params)
         return self._engines[key]
 
-    def _load(self, ctx: StageContext, device: str,
-              dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
+    def _load(
+        self, ctx: StageContext, device: str, dtype: torch.dtype
+    ) -> tuple[Any, dict[str, Any]]:
         opts = self.options
         if opts.denoise_strength is None:
             loaded = ctx.models.load(opts.model, device=device, dtype=dtype)
             _require_sr(loaded.descriptor, opts.model)
             return loaded.descriptor, {
-                "model": loaded.id, "model_sha256": loaded.sha256,
+                "model": loaded.id,
+                "model_sha256": loaded.sha256,
                 "architecture": loaded.descriptor.architecture.id,
             }
         twin = opts.denoise_model or DENOISE_TWINS[opts.model]
         general, general_ref = ctx.models.load_state_dict(opts.model)
         weak, weak_ref = ctx.models.load_state_dict(twin)
-        descriptor = spandrel.ModelLoader(device).load_from_state_dict(
-            _interpolate(general, weak, opts.denoise_strength, opts.model, twin)).eval()
+        descriptor = (
+            spandrel.ModelLoader(device)
+            .load_from_state_dict(
+                _interpolate(general, weak, opts.denoise_strength, opts.model, twin)
+            )
+            .eval()
+        )
         if dtype == torch.float16:
             descriptor = descriptor.half()
         _require_sr(descriptor, opts.model)
         return descriptor, {
-            "model": general_ref.id, "model_sha256": general_ref.sha256,
-            "denoise_model": weak_ref.id, "denoise_model_sha256": weak_ref.sha256,
+            "model": general_ref.id,
+            "model_sha256": general_ref.sha256,
+            "denoise_model": weak_ref.id,
+            "denoise_model_sha256": weak_ref.sha256,
             "denoise_strength": opts.denoise_strength,
             "architecture": descriptor.architecture.id,
         }
 
 
-def _interpolate(strong: dict[str, torch.Tensor], weak: dict[str, torch.Tensor],
-                 strength: float, strong_id: str, weak_id: str) -> dict[str, torch.Tensor]:
+def _interpolate(
+    strong: dict[str, torch.Tensor],
+    weak: dict[str, torch.Tensor],
+    strength: float,
+    strong_id: str,
+    weak_id: str,
+) -> dict[str, torch.Tensor]:
     """Blend two state dicts of one architecture: strength 1 is the strong denoiser, 0 the
     weak one (upstream's dni weights [strength, 1 - strength])."""
     if strong.keys() != weak.keys():
@@ -161,8 +184,10 @@ def _interpolate(strong: dict[str, torch.Tensor], weak: dict[str, torch.Tensor],
 
 def _require_sr(descriptor: Any, model: str) -> None:
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.scale < 2:
-        raise StageError(f"upscale: model {model} is not a super-resolution model "
-                         f"({descriptor.architecture.id}, scale {descriptor.scale})")
+        raise StageError(
+            f"upscale: model {model} is not a super-resolution model "
+            f"({descriptor.architecture.id}, scale {descriptor.scale})"
+        )
 
 
 def _resample_name(native: int, scale: float) -> str | None:
@@ -178,9 +203,12 @@ def _resample(pixels: np.ndarray, size: tuple[int, int], settings: TileSettings)
         return pixels
     shrinking = size[0] < pixels.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
-    out = buffers.allocate((size[1], size[0], pixels.shape[2]), np.float32,
-                           max_bytes_in_ram=settings.max_bytes_in_ram,
-                           scratch_dir=settings.scratch_dir)
+    out = buffers.allocate(
+        (size[1], size[0], pixels.shape[2]),
+        np.float32,
+        max_bytes_in_ram=settings.max_bytes_in_ram,
+        scratch_dir=settings.scratch_dir,
+    )
     resized = cv2.resize(pixels, size, interpolation=interpolation)
     out[...] = np.clip(resized.reshape(out.shape), 0.0, 1.0)
     return out
