@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "nearest_compact",
     "random_parsenet",
     "random_retinaface",
     "tiny_compact",
@@ -72,6 +73,20 @@ def tiny_compact(
         model = Compact(
             num_in_ch=3, num_out_ch=3, num_feat=num_feat, num_conv=num_conv, upscale=scale
         )
+    return _save(path, {"params": model.state_dict()})
+
+
+def nearest_compact(path: Path | str, scale: int = 2, *, seed: int = 0) -> Path:
+    """An SRVGGNetCompact whose last convolution is zeroed: the network adds its residual to a
+    nearest-neighbour upsampling of the input, so its output is exactly that upsampling. A real
+    architecture through the real loading code, with an output a test can predict."""
+    from spandrel.architectures.Compact import Compact
+
+    with _seeded(seed):
+        model = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale)
+    last = model.body[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
     return _save(path, {"params": model.state_dict()})
 
 

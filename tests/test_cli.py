@@ -187,3 +187,71 @@ def test_console_script_runs_as_a_module(tmp_path):
     )
     assert result.returncode == 0
     assert "process" in result.stdout and "models" in result.stdout
+
+
+# --- conformance of `scanrestore process` on every metadata edge case -------------------------
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=NO_SHARED)
+def test_every_metadata_edge_case_round_trips_through_process_or_is_refused(
+    tmp_path, capsys, cache
+):
+    """File by file: refused with an "unsupported" reason, or processed with ICC bytes, EXIF
+    tags, bit depth, channels and alpha kept and upright pixels (the model is an exact nearest-
+    neighbour 2x, so the expected output is known)."""
+    import numpy as np
+    from modelfactory import nearest_compact
+    from test_image_conformance import REFUSED, assert_exif_kept, assert_side_metadata_kept
+
+    from pipeline.image import decode
+
+    model = nearest_compact(tmp_path / "nearest-x2.pth", scale=2)
+    inputs = sorted((CORPUS / "metadata_edge_cases").iterdir())
+    code, records = run_json(
+        capsys,
+        "process",
+        *map(str, inputs),
+        "--out",
+        str(tmp_path / "o"),
+        "--model",
+        str(model),
+        "--scale",
+        "2",
+        "--json",
+    )
+    assert code == 1  # the refused files fail the batch
+    failures = []
+    for path, record in zip(inputs, records, strict=True):
+        try:
+            _check_edge_case(path, record, REFUSED, decode)
+            if record["status"] == "ok":
+                source, output = decode(path), decode(Path(record["output"]))
+                assert_exif_kept(source, output)
+                assert_side_metadata_kept(source, output)
+                expected = np.repeat(np.repeat(source.pixels, 2, axis=0), 2, axis=1)
+                error = np.abs(output.pixels - expected)
+                if source.format in ("png", "tiff"):  # lossless: only the final rounding
+                    assert error.max() <= 0.5 / (2**output.bit_depth - 1) + 1e-6
+                else:
+                    assert error.mean() < 0.02
+        except AssertionError as exc:
+            failures.append(f"{path.name}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+def _check_edge_case(path, record, refused, decode) -> None:
+    if path.name in refused:
+        assert record["status"] == "error", "a refused kind was processed"
+        assert record["error_type"] == "UnsupportedImageError", record["error"]
+        assert record["error"].startswith(str(path)) and refused[path.name] in record["error"]
+        return
+    assert record["status"] == "ok", record["error"]
+    source, output = decode(path), decode(Path(record["output"]))
+    assert output.format == source.format
+    assert output.metadata.icc_profile == source.metadata.icc_profile, "ICC changed"
+    if source.format in ("png", "tiff"):
+        assert output.bit_depth == source.bit_depth
+    assert output.channels == source.channels
+    assert (output.alpha is None) == (source.alpha is None)
+    assert output.metadata.orientation == 1
+    assert (output.width, output.height) == (source.width * 2, source.height * 2)
