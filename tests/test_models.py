@@ -244,6 +244,22 @@ def test_fetch_downloads_verifies_and_leaves_no_temp_files(
     assert seen[-1] == (len(body), len(body))
 
 
+def test_auto_fetch_downloads_a_missing_official_model_on_first_use(
+    server: FileServer, tmp_path: Path, x4_file: Path
+) -> None:
+    body = x4_file.read_bytes()
+    server.serve("x4.pth", body)
+    registry = build_registry(official("tiny-x4", body, server.url("x4.pth")))
+    with pytest.raises(ModelNotAvailableError, match="scanrestore models fetch tiny-x4"):
+        ModelStore(tmp_path / "off", registry).resolve("tiny-x4")
+    assert server.hits == {}
+
+    resolved = ModelStore(tmp_path / "cache", registry, auto_fetch=True).resolve("tiny-x4")
+
+    assert resolved.path.read_bytes() == body
+    assert server.hits == {"/x4.pth": 1}
+
+
 def test_fetch_does_not_download_again_when_a_valid_copy_is_cached(
     server: FileServer, tmp_path: Path, x4_file: Path
 ) -> None:
