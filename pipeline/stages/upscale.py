@@ -11,7 +11,7 @@ import spandrel
 import torch
 from pydantic import Field, model_validator
 
-from pipeline import buffers
+from pipeline import resample
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult
@@ -96,7 +96,13 @@ class UpscaleStage:
             pixels = _to_grey(pixels)
         alpha = None
         if image.alpha is not None:
-            alpha = np.clip(cv2.resize(image.alpha, size, interpolation=cv2.INTER_LINEAR), 0, 1)
+            alpha = resample.resize(
+                image.alpha,
+                size,
+                cv2.INTER_LINEAR,
+                max_bytes_in_ram=settings.max_bytes_in_ram,
+                scratch_dir=settings.scratch_dir,
+            )
         params = {
             **model_params,
             "native_scale": engine.scale,
@@ -197,21 +203,19 @@ def _resample_name(native: int, scale: float) -> str | None:
 
 
 def _resample(pixels: np.ndarray, size: tuple[int, int], settings: TileSettings) -> np.ndarray:
-    """Resize the model's native-scale output to the requested size. Area averaging when
-    shrinking (Lanczos aliases there), Lanczos when enlarging beyond the model, as upstream."""
+    """Resize the model's native-scale output to the requested size, band by band. Area
+    averaging when shrinking (Lanczos aliases there), Lanczos when enlarging, as upstream."""
     if (pixels.shape[1], pixels.shape[0]) == size:
         return pixels
     shrinking = size[0] < pixels.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
-    out = buffers.allocate(
-        (size[1], size[0], pixels.shape[2]),
-        np.float32,
+    return resample.resize(
+        pixels,
+        size,
+        interpolation,
         max_bytes_in_ram=settings.max_bytes_in_ram,
         scratch_dir=settings.scratch_dir,
     )
-    resized = cv2.resize(pixels, size, interpolation=interpolation)
-    out[...] = np.clip(resized.reshape(out.shape), 0.0, 1.0)
-    return out
 
 
 def _to_grey(pixels: np.ndarray) -> np.ndarray:
