@@ -163,6 +163,8 @@ def _stage_specs(config: Config, args: argparse.Namespace) -> list[dict[str, Any
         raise ChainConfigError([f"--{key}: the chain has no upscale stage" for key in overrides])
     for spec in upscales:
         spec.update(overrides)
+        if args.precision:  # the command line beats a precision pinned in the config
+            spec["precision"] = args.precision
     return specs
 
 
