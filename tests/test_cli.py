@@ -36,24 +36,9 @@ def run_json(capsys, *argv: str) -> tuple[int, list[dict]]:
 
 
 def test_process_writes_versioned_outputs_and_json_records(tmp_path, capsys, tiny_x4, cache):
-    photo = (
-        shared_file("corpus/sr_benchmark/Set5/LR_bicubic/X4/babyx4.png")
-        if (SHARED / "corpus/sr_benchmark/Set5/LR_bicubic/X4/babyx4.png").exists()
-        else shared_file("corpus/metadata_edge_cases/exifsamples_Canon_40D.jpg")
-    )
-    out = tmp_path / "out"
-    code, records = run_json(
-        capsys,
-        "process",
-        str(photo),
-        "--out",
-        str(out),
-        "--model",
-        str(tiny_x4),
-        "--scale",
-        "2",
-        "--json",
-    )
+    photo = shared_file("corpus/sr_benchmark/Set5/LR_bicubic_X4/babyx4.png")
+    argv = ["process", str(photo), "--out", str(tmp_path / "out"), "--model", str(tiny_x4)]
+    code, records = run_json(capsys, *argv, "--scale", "2", "--json")
     assert code == 0
     (record,) = records
     assert {"input", "output", "status", "error", "seconds", "stages"} <= record.keys()
@@ -63,18 +48,7 @@ def test_process_writes_versioned_outputs_and_json_records(tmp_path, capsys, tin
     assert stage["stage"] == "upscale"
     assert stage["params"]["model_sha256"] == sha256_file(tiny_x4)
     assert stage["params"]["scale"] == 2
-    _, again = run_json(
-        capsys,
-        "process",
-        str(photo),
-        "--out",
-        str(out),
-        "--model",
-        str(tiny_x4),
-        "--scale",
-        "2",
-        "--json",
-    )
+    _, again = run_json(capsys, *argv, "--scale", "2", "--json")
     assert Path(again[0]["output"]).name == f"{photo.stem}.v2{photo.suffix}"
     assert Path(record["output"]).read_bytes() != b""
 
