@@ -1,0 +1,132 @@
+"""bench/upscale.py's helpers on tiny models: measurements, agreement, RSS inputs and children.
+
+No timing is asserted here (timings belong in the benchmark); these prove the helpers work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import REPO
+from modelfactory import tiny_compact
+
+from pipeline.models import ModelStore
+from pipeline.tiling import Engine, auto_overlap, tile_starts
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_upscale", REPO / "bench" / "upscale.py")
+reference = sys.modules["_reference"]
+
+
+def photo(height: int = 96, width: int = 80) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.random((height, width, 3), dtype=np.float32)
+
+
+def test_psnr8_is_none_for_identical_images_and_finite_otherwise():
+    image = photo()
+    assert bench.psnr8(image, image) is None
+    shifted = np.clip(image + 1 / 255, 0, 1)
+    assert 45 < bench.psnr8(image, shifted) < 50
+
+
+def test_measure_ours_counts_tiles_and_agrees_with_the_whole_image(tmp_path):
+    weights = tiny_compact(tmp_path / "compact.pth")
+    descriptor = ModelStore(tmp_path / "cache").load(str(weights)).descriptor
+    engine = Engine(descriptor, device="cpu", precision="fp32")
+    images = [photo(), photo(64, 72)]
+    whole, references = bench.measure_ours(engine, images, 0, reps=1)
+    tiled, outputs = bench.measure_ours(engine, images, 48, reps=2, references=references)
+    overlap = auto_overlap(descriptor)
+    grid = [
+        len(tile_starts(h, 48, overlap)) * len(tile_starts(w, 48, overlap))
+        for h, w in ((96, 80), (64, 72))
+    ]
+    assert whole.psnr_db == {} and whole.tiles == 2
+    assert len(tiled.seconds) == 2 and tiled.tiles == sum(grid) > 2
+    assert tiled.megapixels == pytest.approx((96 * 80 + 64 * 72) / 1e6)
+    assert all(p is None or p >= 45 for p in tiled.psnr_db.values())
+    assert outputs[0].shape == (384, 320, 3)
+
+
+def test_speedup_compares_ours_with_upstream_at_the_same_tile():
+    def row(method: str, tile: int, seconds: float):
+        return bench.Row(
+            model="m",
+            method=method,
+            precision="fp32",
+            tile=tile,
+            context="",
+            tiles=1,
+            megapixels=1.0,
+            seconds=[seconds],
+            warmup_s=0,
+            psnr_db={},
+        )
+
+    rows = bench._with_speedups([row("ours", 0, 1), row("ours", 128, 2), row("upstream", 128, 6)])
+    assert [r.speedup_vs_upstream for r in rows] == [None, 3.0, None]
+
+
+def test_rss_input_is_a_16_bit_tiff_of_the_requested_size_mirrored_from_the_photo(tmp_path):
+    source = photo(30, 20)
+    path = bench.make_rss_input(source, 0.0025, tmp_path)  # 50 x 50
+    pixels = tifffile.imread(path)
+    assert pixels.shape == (50, 50, 3) and pixels.dtype == np.uint16
+    assert np.array_equal(pixels[:30, :20], np.rint(source * 65535).astype(np.uint16))
+    assert np.array_equal(pixels[30:60, :20], pixels[:30, :20][::-1][: 50 - 30])
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """Both routes set torch's thread count, which is process-wide: restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("keep_torch_threads")
+@pytest.mark.parametrize("route", ["cli", "stage"])
+def test_rss_child_runs_one_image_end_to_end_and_reports_its_peak(tmp_path, route):
+    weights = tiny_compact(tmp_path / "compact.pth")
+    source = bench.make_rss_input(photo(), 0.0016, tmp_path)  # 40 x 40
+    report = tmp_path / "report.json"
+    assert bench.rss_child(bench.RssJob(source, weights, route, 1, report)) == 0
+    result = json.loads(report.read_text())
+    assert result["error"] is None
+    assert result["output_size"] == [160, 160] and result["output_bits"] == 16
+    assert result["peak_rss_mb"] >= result["baseline_rss_mb"] > 0
+
+
+def test_upstream_import_stubs_basicsr_only_while_loading(tmp_path):
+    if importlib.util.find_spec("basicsr"):
+        pytest.skip("basicsr is installed here, so no stub is needed")
+    source = tmp_path / "utils.py"
+    source.write_text(
+        textwrap.dedent("""\
+        from basicsr.utils.download_util import load_file_from_url
+
+        class RealESRGANer:
+            fetch = staticmethod(load_file_from_url)
+        """)
+    )
+    module = reference._import_with_stubs(source)
+    assert "basicsr" not in sys.modules
+    with pytest.raises(reference.UpstreamUnavailable, match="refusing to fetch"):
+        module.RealESRGANer.fetch("https://example.invalid/weights.pth")
