@@ -39,13 +39,14 @@ _AUTO_OVERLAP = {"ESRGAN": 64, "Compact": 24}
 
 @dataclass(frozen=True)
 class TileSettings:
-    """How to cut the image: `tile` input pixels a side (0 = whole image), `overlap` shared
-    between neighbours, `batch` tiles per model call."""
+    """How to cut the image: tiles advance by about `tile` input pixels (0 = whole image) and each
+    reads `overlap` more, shared with its neighbour (upstream's tile + tile_pad, on one side);
+    `batch` tiles go to the model per call."""
 
     tile: int = 256
     overlap: int = 16
     batch: int = 1
-    max_bytes_in_ram: int = 1 << 30  # larger outputs go to a disk-backed buffer
+    max_bytes_in_ram: int = 256 << 20  # larger outputs go to a disk-backed buffer
     scratch_dir: Path | None = None
 
 
@@ -234,8 +235,8 @@ def _run_rows(
     """Accumulate weighted tiles into a buffer one tile-row high and flush finished rows."""
     height, width, channels = pixels.shape
     scale = engine.scale
-    tile_h, tile_w = min(tile, height), min(tile, width)
-    overlap = min(settings.overlap, tile // 2)
+    overlap = min(settings.overlap, tile)
+    tile_h, tile_w = min(tile + overlap, height), min(tile + overlap, width)
     ys = tile_starts(height, tile_h, overlap)
     xs = tile_starts(width, tile_w, overlap)
     out = buffers.allocate(

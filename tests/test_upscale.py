@@ -124,7 +124,7 @@ def test_a_restoration_model_is_refused_as_an_upscaler(tmp_path, ctx):
         ({"scale": 9}, "less than or equal to 8"),
         ({"scale": 0}, "greater than 0"),
         ({"tile": 16}, "tile: must be 0"),
-        ({"tile": 64, "overlap": 40}, "overlap: must be less than half"),
+        ({"tile": 64, "overlap": 65}, "overlap: must not exceed the tile"),
         ({"denoise_strength": 0.5}, "only for realesr-general-x4v3"),
         ({"precision": "int8"}, "Input should be"),
         ({"colour": True}, "Extra inputs"),

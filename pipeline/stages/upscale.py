@@ -42,7 +42,7 @@ class UpscaleOptions(StageOptions):
     batch: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     compile: bool = False
-    max_ram_output_mb: int = Field(1024, ge=16)
+    max_ram_output_mb: int = Field(256, ge=16)
 
     @model_validator(mode="after")
     def _check(self) -> UpscaleOptions:
@@ -50,8 +50,8 @@ class UpscaleOptions(StageOptions):
             raise ValueError("tile: must be 0 (whole image) or at least 32")
         if isinstance(self.overlap, int) and self.overlap < 0:
             raise ValueError('overlap: must be >= 0 or "auto"')
-        if self.tile and isinstance(self.overlap, int) and self.overlap >= self.tile // 2:
-            raise ValueError("overlap: must be less than half the tile")
+        if self.tile and isinstance(self.overlap, int) and self.overlap > self.tile:
+            raise ValueError("overlap: must not exceed the tile")
         if (
             self.denoise_strength is not None
             and self.denoise_model is None
