@@ -66,6 +66,13 @@ class _Route:
         self.hang = False
 
 
+class _JoiningServer(http.server.ThreadingHTTPServer):
+    # Non-daemon handler threads are joined by server_close(), so none outlives the fixture
+    # (the thread-leak guard in conftest would otherwise race a handler that is still exiting).
+    daemon_threads = False
+    block_on_close = True
+
+
 class FileServer:
     """A real HTTP server on 127.0.0.1 standing in for GitHub's release downloads."""
 
@@ -94,7 +101,7 @@ class FileServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _JoiningServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, args=(0.05,), name="file-server"
         )

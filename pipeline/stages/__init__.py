@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.stage import Stage
+from pipeline.stages.denoise import DenoiseStage
 from pipeline.stages.upscale import UpscaleStage
 
 __all__ = ["STAGES", "register"]
@@ -18,4 +19,5 @@ def register(stage: type[Stage]) -> type[Stage]:
     return stage
 
 
+register(DenoiseStage)
 register(UpscaleStage)
