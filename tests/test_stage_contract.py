@@ -1,0 +1,79 @@
+"""One contract for every registered stage: shape and dtype, input untouched, JSON params,
+deterministic output, 16-bit and greyscale preserved. A new stage must add a factory here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from modelfactory import tiny_compact, tiny_dncnn
+
+from pipeline.image import Image, Metadata
+from pipeline.models import ModelStore
+from pipeline.stage import Stage, StageContext
+from pipeline.stages import STAGES
+from pipeline.stages.denoise import DenoiseOptions, DenoiseStage
+from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
+
+# Each factory builds a stage that needs no download: tiny models of the real architectures.
+FACTORIES: dict[str, list[Callable[[Path], Stage]]] = {
+    "denoise": [
+        lambda tmp: DenoiseStage(DenoiseOptions(method="nlm")),
+        lambda tmp: DenoiseStage(
+            DenoiseOptions(
+                method="dncnn", model=str(tiny_dncnn(tmp / "d.pth")), strength=0.5, tile=32
+            )
+        ),
+    ],
+    "upscale": [
+        lambda tmp: UpscaleStage(
+            UpscaleOptions(model=str(tiny_compact(tmp / "u.pth")), scale=2, tile=32)
+        ),
+    ],
+}
+
+CASES = [(kind, index) for kind, built in sorted(FACTORIES.items()) for index in range(len(built))]
+
+
+def test_every_registered_stage_has_a_contract_factory():
+    assert set(FACTORIES) == set(STAGES)
+
+
+def make_image(channels: int, bit_depth: int, alpha: bool = False) -> Image:
+    rng = np.random.default_rng(7)
+    levels = 65535 if bit_depth == 16 else 255
+    pixels = (np.rint(rng.random((40, 52, channels)) * levels) / levels).astype(np.float32)
+    mask = rng.random((40, 52)).astype(np.float32) if alpha else None
+    return Image(pixels=pixels, alpha=mask, bit_depth=bit_depth, format="png", metadata=Metadata())
+
+
+@pytest.fixture
+def ctx(tmp_path) -> StageContext:
+    return StageContext(models=ModelStore(tmp_path / "cache"), device="cpu", precision="fp32")
+
+
+@pytest.mark.parametrize(("kind", "index"), CASES)
+@pytest.mark.parametrize(("channels", "bit_depth"), [(3, 8), (1, 16)])
+def test_stage_contract(tmp_path, ctx, kind, index, channels, bit_depth):
+    stage = FACTORIES[kind][index](tmp_path)
+    assert stage.name == kind and isinstance(stage.version, int)
+    image = make_image(channels, bit_depth, alpha=True)
+    before = image.pixels.copy(), image.alpha.copy()
+
+    first = stage.run(image, ctx)
+    second = stage.run(image, ctx)
+
+    out = first.image
+    assert out.pixels.dtype == np.float32 and out.pixels.ndim == 3
+    assert out.channels == channels and out.bit_depth == bit_depth
+    assert out.pixels.min() >= 0.0 and out.pixels.max() <= 1.0
+    assert (out.alpha is None) == (image.alpha is None)
+    assert out.alpha.shape == out.pixels.shape[:2]
+    np.testing.assert_array_equal(image.pixels, before[0])  # input untouched
+    np.testing.assert_array_equal(image.alpha, before[1])
+    json.dumps(dict(first.params))  # JSON-serialisable
+    np.testing.assert_array_equal(second.image.pixels, out.pixels)  # deterministic
+    assert dict(second.params) == dict(first.params)
