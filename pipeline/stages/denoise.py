@@ -8,20 +8,13 @@ from typing import Any, ClassVar, Literal
 import cv2
 import numpy as np
 import spandrel
-import torch
 from pydantic import Field, model_validator
 
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult
-from pipeline.tiling import (
-    Engine,
-    TileSettings,
-    auto_overlap,
-    resolve_device,
-    resolve_precision,
-    run_tiled,
-)
+from pipeline.stages.engines import EngineCache, registered_loader
+from pipeline.tiling import Engine, TileSettings, auto_overlap, run_tiled
 
 __all__ = ["DenoiseOptions", "DenoiseStage"]
 
@@ -61,7 +54,7 @@ class DenoiseStage:
 
     def __init__(self, options: DenoiseOptions | None = None) -> None:
         self.options = options or DenoiseOptions()
-        self._engines: dict[tuple[str, str, str], tuple[Engine, dict[str, Any]]] = {}
+        self._engines = EngineCache()
 
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
@@ -96,25 +89,8 @@ class DenoiseStage:
         return out, {**params, "tile": tile, "overlap": overlap, "greyscale_via_rgb": via_rgb}
 
     def _engine(self, ref: str, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
-        device = resolve_device(ctx.device)
-        wanted = self.options.precision if self.options.precision != "auto" else ctx.precision
-        key = (ref, device, wanted)
-        if key not in self._engines:
-            loaded = ctx.models.load(ref, device=device)
-            _require_denoiser(loaded.descriptor, ref)
-            precision = resolve_precision(wanted, device, loaded.descriptor)
-            if precision == "fp16":
-                loaded = ctx.models.load(ref, device=device, dtype=torch.float16)
-            engine = Engine(loaded.descriptor, device=device, precision=precision)
-            params = {
-                "model": loaded.id,
-                "model_sha256": loaded.sha256,
-                "architecture": loaded.descriptor.architecture.id,
-                "device": device,
-                "precision": precision,
-            }
-            self._engines[key] = (engine, params)
-        return self._engines[key]
+        load = registered_loader(ctx, ref, _require_denoiser)
+        return self._engines.get(ref, ctx, self.options.precision, load)
 
 
 def _require_denoiser(descriptor: Any, ref: str) -> None:

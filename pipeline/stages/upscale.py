@@ -3,6 +3,7 @@ requested factor (as upstream Real-ESRGAN's `outscale` does)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import cv2
@@ -15,14 +16,8 @@ from pipeline import buffers, resample
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult
-from pipeline.tiling import (
-    Engine,
-    TileSettings,
-    auto_overlap,
-    resolve_device,
-    resolve_precision,
-    run_tiled,
-)
+from pipeline.stages.engines import EngineCache, registered_loader
+from pipeline.tiling import Engine, TileSettings, auto_overlap, run_tiled
 
 __all__ = ["UpscaleOptions", "UpscaleStage"]
 
@@ -73,7 +68,7 @@ class UpscaleStage:
 
     def __init__(self, options: UpscaleOptions | None = None) -> None:
         self.options = options or UpscaleOptions()
-        self._engines: dict[tuple[str, str], tuple[Engine, dict[str, Any]]] = {}
+        self._engines = EngineCache()
 
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
@@ -119,44 +114,24 @@ class UpscaleStage:
         return StageResult(image=image.replace(pixels=pixels, alpha=alpha), params=params)
 
     def _engine(self, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
-        """Load (once per device) the model, or the interpolated general/wdn pair."""
-        device = resolve_device(ctx.device)
-        wanted = self.options.precision if self.options.precision != "auto" else ctx.precision
-        key = (device, wanted)
-        if key not in self._engines:
-            descriptor, params = self._load(ctx, device, torch.float32)
-            precision = resolve_precision(wanted, device, descriptor)
-            if precision == "fp16":
-                descriptor, params = self._load(ctx, device, torch.float16)
-            engine = Engine(
-                descriptor, device=device, precision=precision, compile=self.options.compile
-            )
-            params |= {"device": device, "precision": precision, "compiled": engine.compiled}
-            self._engines[key] = (engine, params)
-        return self._engines[key]
-
-    def _load(
-        self, ctx: StageContext, device: str, dtype: torch.dtype
-    ) -> tuple[Any, dict[str, Any]]:
+        """Load (once per device and precision) the model, or the interpolated pair."""
         opts = self.options
         if opts.denoise_strength is None:
-            loaded = ctx.models.load(opts.model, device=device, dtype=dtype)
-            _require_sr(loaded.descriptor, opts.model)
-            return loaded.descriptor, {
-                "model": loaded.id,
-                "model_sha256": loaded.sha256,
-                "architecture": loaded.descriptor.architecture.id,
-            }
+            load = registered_loader(ctx, opts.model, _require_sr)
+        else:
+            load = partial(self._load_interpolated, ctx)
+        return self._engines.get(opts.model, ctx, opts.precision, load, compile=opts.compile)
+
+    def _load_interpolated(
+        self, ctx: StageContext, device: str, dtype: torch.dtype
+    ) -> tuple[Any, dict[str, Any]]:
+        """realesr-general-x4v3 blended with its weak-denoise twin, as upstream's dni does."""
+        opts = self.options
         twin = opts.denoise_model or DENOISE_TWINS[opts.model]
         general, general_ref = ctx.models.load_state_dict(opts.model)
         weak, weak_ref = ctx.models.load_state_dict(twin)
-        descriptor = (
-            spandrel.ModelLoader(device)
-            .load_from_state_dict(
-                _interpolate(general, weak, opts.denoise_strength, opts.model, twin)
-            )
-            .eval()
-        )
+        blended = _interpolate(general, weak, opts.denoise_strength, opts.model, twin)
+        descriptor = spandrel.ModelLoader(device).load_from_state_dict(blended).eval()
         if dtype == torch.float16:
             descriptor = descriptor.half()
         _require_sr(descriptor, opts.model)
