@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     process.add_argument("--scale", type=float, help="upscale factor (up to 8)")
     process.add_argument("--model", help="upscale model id or weights file")
     process.add_argument("--tile", type=int, help="tile size in pixels (0 = whole image)")
+    process.add_argument(
+        "--chain",
+        help="stage kinds in order, e.g. denoise,upscale (options from the config's stage of "
+        "that kind, else defaults)",
+    )
     process.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     process.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
     process.add_argument(
@@ -158,6 +163,8 @@ def _stage_specs(config: Config, args: argparse.Namespace) -> list[dict[str, Any
         if value is not None
     }
     specs = [dict(spec) for spec in config.pipeline.stages]
+    if args.chain is not None:
+        specs = _chain_from_kinds(args.chain, specs)
     upscales = [spec for spec in specs if spec.get("kind") == "upscale"]
     if overrides and not upscales:
         raise ChainConfigError([f"--{key}: the chain has no upscale stage" for key in overrides])
@@ -166,6 +173,18 @@ def _stage_specs(config: Config, args: argparse.Namespace) -> list[dict[str, Any
         if args.precision:  # the command line beats a precision pinned in the config
             spec["precision"] = args.precision
     return specs
+
+
+def _chain_from_kinds(text: str, configured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`--chain denoise,upscale`: those kinds in that order, each with the options of the
+    config's first stage of that kind (so the config still tunes them), else the defaults."""
+    by_kind: dict[str, dict[str, Any]] = {}
+    for spec in configured:
+        by_kind.setdefault(spec.get("kind"), spec)
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds:
+        raise ChainConfigError(["--chain: name at least one stage kind"])
+    return [dict(by_kind.get(kind, {"kind": kind})) for kind in kinds]
 
 
 def _process_one(path: Path, job: _Job) -> dict[str, Any]:

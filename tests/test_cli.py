@@ -229,3 +229,58 @@ def _check_edge_case(path, record, refused, decode) -> None:
     assert (output.alpha is None) == (source.alpha is None)
     assert output.metadata.orientation == 1
     assert (output.width, output.height) == (source.width * 2, source.height * 2)
+
+
+def test_chain_option_runs_the_named_stages_in_order(tmp_path, capsys, tiny_x4, cache):
+    photo = shared_file("corpus/sr_benchmark/Set5/LR_bicubic_X4/babyx4.png")
+    code, records = run_json(
+        capsys,
+        "process",
+        str(photo),
+        "--out",
+        str(tmp_path / "o"),
+        "--chain",
+        "denoise,upscale",
+        "--model",
+        str(tiny_x4),
+        "--scale",
+        "2",
+        "--json",
+    )
+    assert code == 0
+    assert [stage["stage"] for stage in records[0]["stages"]] == ["denoise", "upscale"]
+    assert records[0]["stages"][0]["params"]["method"] == "nlm"
+
+
+def test_chain_option_takes_stage_options_from_the_config(tmp_path, capsys, tiny_x4, cache):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[[pipeline.stages]]\nkind = 'denoise'\nstrength = 0.25\n"
+        "[[pipeline.stages]]\nkind = 'upscale'\nscale = 2\n"
+    )
+    photo = shared_file("corpus/sr_benchmark/Set5/LR_bicubic_X4/babyx4.png")
+    _, records = run_json(
+        capsys,
+        "--config",
+        str(config),
+        "process",
+        str(photo),
+        "--out",
+        str(tmp_path / "o"),
+        "--chain",
+        "upscale,denoise",
+        "--model",
+        str(tiny_x4),
+        "--json",
+    )
+    stages = records[0]["stages"]
+    assert [s["stage"] for s in stages] == ["upscale", "denoise"]
+    assert stages[0]["params"]["scale"] == 2 and stages[1]["params"]["strength"] == 0.25
+
+
+def test_chain_option_with_an_unknown_kind_fails_before_any_image(tmp_path, capsys, cache):
+    code = main(["process", "x.png", "--out", str(tmp_path / "o"), "--chain", "denoise,sharpen"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pipeline.stages[1].kind: unknown stage 'sharpen'" in err
+    assert not (tmp_path / "o").exists()
