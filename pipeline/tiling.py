@@ -22,6 +22,7 @@ __all__ = [
     "TileSettings",
     "TiledResult",
     "auto_overlap",
+    "luma",
     "resolve_device",
     "resolve_precision",
     "run_tiled",
@@ -35,6 +36,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_TILE = 32
 _MIN_WEIGHT = 1e-4  # keeps every covered pixel's total weight positive
 _AUTO_OVERLAP = {"ESRGAN": 64, "Compact": 24}
+# ITU-R BT.601 luma, the weights OpenCV's RGB2GRAY uses: a grey scan run through an RGB model
+# (as three equal channels) comes back as the grey it would have been.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_LUMA_BAND_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -280,3 +285,19 @@ def _flush(acc: np.ndarray, weights: np.ndarray, out: np.ndarray, top: int, rows
         if keep > 0:
             buf[:keep] = buf[rows:]
         buf[keep:] = 0.0
+
+
+def luma(pixels: np.ndarray, settings: TileSettings) -> np.ndarray:
+    """Luma of an RGB result, band by band, so a disk-backed output is never read whole."""
+    out = buffers.allocate(
+        (*pixels.shape[:2], 1),
+        np.float32,
+        max_bytes_in_ram=settings.max_bytes_in_ram,
+        scratch_dir=settings.scratch_dir,
+    )
+    for top in range(0, pixels.shape[0], _LUMA_BAND_ROWS):
+        bottom = min(top + _LUMA_BAND_ROWS, pixels.shape[0])
+        np.matmul(pixels[top:bottom], _LUMA, out=out[top:bottom, :, 0])
+        buffers.release_rows(pixels, top, bottom)
+        buffers.release_rows(out, top, bottom)
+    return out

@@ -141,11 +141,10 @@ def test_denoise_strength_is_accepted_for_the_general_model():
 
 
 def test_greyscale_conversion_of_a_disk_backed_output_matches_luma(tmp_path):
-    from pipeline.stages.upscale import _to_grey
-    from pipeline.tiling import TileSettings
+    from pipeline.tiling import TileSettings, luma
 
     rgb = np.random.default_rng(3).random((600, 50, 3), dtype=np.float32)
-    grey = _to_grey(rgb, TileSettings(max_bytes_in_ram=1024, scratch_dir=tmp_path))
+    grey = luma(rgb, TileSettings(max_bytes_in_ram=1024, scratch_dir=tmp_path))
     assert isinstance(grey, np.memmap) and grey.shape == (600, 50, 1)
     expected = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
     np.testing.assert_allclose(grey[..., 0], expected, atol=1e-6)

@@ -14,11 +14,9 @@ from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult
 from pipeline.stages.engines import EngineCache, registered_loader
-from pipeline.tiling import Engine, TileSettings, auto_overlap, run_tiled
+from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
 __all__ = ["DenoiseOptions", "DenoiseStage"]
-
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class DenoiseOptions(StageOptions):
@@ -83,7 +81,7 @@ class DenoiseStage:
         overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
         settings = TileSettings(tile=opts.tile, overlap=overlap, scratch_dir=ctx.scratch_dir)
         tiled = run_tiled(engine, source, settings, progress=ctx.progress)
-        out = tiled.pixels @ _LUMA if via_rgb else tiled.pixels
+        out = luma(tiled.pixels, settings) if via_rgb else tiled.pixels
         out = out.reshape(image.pixels.shape)
         tile = tiled.tile if opts.tile else 0
         return out, {**params, "tile": tile, "overlap": overlap, "greyscale_via_rgb": via_rgb}

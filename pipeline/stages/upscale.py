@@ -12,20 +12,17 @@ import spandrel
 import torch
 from pydantic import Field, model_validator
 
-from pipeline import buffers, resample
+from pipeline import resample
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult
 from pipeline.stages.engines import EngineCache, registered_loader
-from pipeline.tiling import Engine, TileSettings, auto_overlap, run_tiled
+from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
 __all__ = ["UpscaleOptions", "UpscaleStage"]
 
 # The general v3 model's "weak denoise" twin; upstream interpolates their weights.
 DENOISE_TWINS = {"realesr-general-x4v3": "realesr-general-wdn-x4v3"}
-# ITU-R BT.601 luma, the weights OpenCV's RGB2GRAY uses, so grey in gives the same grey out.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_BAND_ROWS = 256
 
 
 class UpscaleOptions(StageOptions):
@@ -89,7 +86,7 @@ class UpscaleStage:
         size = (round(image.width * opts.scale), round(image.height * opts.scale))
         pixels = _resample(tiled.pixels, size, settings)
         if rgb:
-            pixels = _to_grey(pixels, settings)
+            pixels = luma(pixels, settings)
         alpha = None
         if image.alpha is not None:
             alpha = resample.resize(
@@ -192,19 +189,3 @@ def _resample(pixels: np.ndarray, size: tuple[int, int], settings: TileSettings)
         max_bytes_in_ram=settings.max_bytes_in_ram,
         scratch_dir=settings.scratch_dir,
     )
-
-
-def _to_grey(pixels: np.ndarray, settings: TileSettings) -> np.ndarray:
-    """Luma of an RGB result, band by band, so a disk-backed output is never read whole."""
-    out = buffers.allocate(
-        (*pixels.shape[:2], 1),
-        np.float32,
-        max_bytes_in_ram=settings.max_bytes_in_ram,
-        scratch_dir=settings.scratch_dir,
-    )
-    for top in range(0, pixels.shape[0], _BAND_ROWS):
-        bottom = min(top + _BAND_ROWS, pixels.shape[0])
-        np.matmul(pixels[top:bottom], _LUMA, out=out[top:bottom, :, 0])
-        buffers.release_rows(pixels, top, bottom)
-        buffers.release_rows(out, top, bottom)
-    return out
