@@ -1,20 +1,33 @@
-"""Quality harness on ../shared/corpus: how much each method improves real photos.
+"""Quality harness on ../shared/corpus: how much each stage improves real photos, and at what cost.
 
-    .venv/bin/python bench/quality.py [--pairs N] [--out bench/results/quality.json]
+    .venv/bin/python bench/quality.py [--sections denoise,restore,upscale] [--quick] [--pairs N]
+        [--out bench/results/quality.json] [--sheet bench/results/quality_sheet.png]
 
-Denoise: every PolyU real high-ISO pair (noisy `*_real`, clean `*_mean`), PSNR and SSIM of the
-noisy input and of each method's output against the clean image. Prints a table, writes JSON.
-Exits 2 where ../shared is absent.
+- denoise: every PolyU real high-ISO pair (noisy `*_real`, clean `*_mean`), PSNR and SSIM of the
+  noisy input and of each method's output against the clean image.
+- upscale: Set5, Set14 and City100 (NikonD5500 real pairs) low-res inputs through bicubic,
+  Lanczos and each 4x model: PSNR and SSIM on the BT.601 Y channel with 4 px shaved, and
+  sharpness (mean gradient magnitude relative to the high-res image's).
+
+Prints tables, writes JSON (the command, the commit, every corpus file and model with its
+SHA-256, per-image and mean numbers) and a contact sheet of before/after crops.
+Exits 2 where ../shared is absent. `--quick` runs one small crop per data set (CI smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -22,20 +35,95 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.image import decode  # noqa: E402
-from pipeline.models import ModelStore  # noqa: E402
-from pipeline.stage import StageContext  # noqa: E402
+from pipeline.image import Image, decode  # noqa: E402
+from pipeline.models import ModelStore, sha256_file  # noqa: E402
+from pipeline.stage import StageContext, StageResult  # noqa: E402
 from pipeline.stages.denoise import DenoiseOptions, DenoiseStage  # noqa: E402
+from pipeline.stages.upscale import UpscaleOptions, UpscaleStage  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-POLYU = SHARED / "corpus" / "real_lr_hr_pairs" / "PolyU_real_noise"
+CORPUS = SHARED / "corpus"
 WEIGHTS = SHARED / "weights"
+POLYU = CORPUS / "real_lr_hr_pairs" / "PolyU_real_noise"
+SET5 = CORPUS / "sr_benchmark" / "Set5"
+SET14 = CORPUS / "sr_benchmark" / "Set14"
+CITY100 = CORPUS / "real_lr_hr_pairs" / "City100_NikonD5500"
+SECTIONS = ("denoise", "restore", "upscale")
+
+SCALE = 4
+SHAVE = 4  # border pixels left out of PSNR/SSIM, as the SR literature does at x4
+UPSCALE_MODELS = {
+    "general-x4v3": WEIGHTS / "realesr-general-x4v3.from-ncnn.pth",
+    "x4plus": WEIGHTS / "RealESRGAN_x4plus.from-ncnn.pth",
+}
+# City100's L frames are registered to the H frames' pixel grid, so their pixel ratio is 1; the
+# ratio of detail is searched over this range (see city100_ratio).
+CITY100_RATIOS = np.round(np.arange(2.0, 4.51, 0.1), 1)
+SHEET_CELL = 160  # contact-sheet crop size in pixels (at the high-res / output scale)
+SHEET_UPSCALE = ("Set14/comic", "City100/001")  # the upscale rows of the sheet, where run
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR after 8-bit rounding."""
-    mse = float(np.mean((np.rint(a * 255) - np.rint(b * 255)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+@dataclass(frozen=True)
+class Plan:
+    """How much of the corpus a run reads: all of it, or a small crop of each set (--quick)."""
+
+    denoise_pairs: int | None = None
+    denoise_crop: int | None = None  # centre crop of each PolyU pair
+    sr_images: int | None = None  # first N of Set5 and of Set14
+    sr_lr_crop: int | None = None  # centre crop of each Set5/Set14 low-res input
+    city_pairs: int = 10
+    city_crop: int = 480  # centre crop of each City100 pair, at the high-res size
+
+
+FULL = Plan()
+QUICK = Plan(
+    denoise_pairs=1, denoise_crop=192, sr_images=1, sr_lr_crop=48, city_pairs=1, city_crop=192
+)
+
+
+class Corpus:
+    """Reads images from ../shared and remembers each file used, with its SHA-256."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+
+    def read(self, path: Path) -> Image:
+        image = decode(path)
+        self.files[str(path.relative_to(SHARED))] = sha256_file(path)
+        return image
+
+
+@dataclass
+class Run:
+    """What every section shares: the stage context, the corpus log, models used, sheet rows."""
+
+    ctx: StageContext
+    plan: Plan
+    corpus: Corpus = field(default_factory=Corpus)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sheet: list[SheetRow] = field(default_factory=list)
+
+    def note_model(self, method: str, result: StageResult) -> None:
+        keys = ("model", "model_sha256", "architecture", "precision", "tile", "device")
+        params = {key: result.params[key] for key in keys if key in result.params}
+        if "model" in params:
+            self.models.setdefault(method, params)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def _db(mse: float) -> float | None:
+    """PSNR of an 8-bit mean squared error; None where the images are identical."""
+    return None if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float | None:
+    """PSNR over all channels after 8-bit rounding, optionally only where `where` (H, W) holds."""
+    diff = (np.rint(a * 255) - np.rint(b * 255)) ** 2
+    if where is not None:
+        diff = diff[where.astype(bool)]
+    return _db(float(np.mean(diff)))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,6 +144,127 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+def luma(pixels: np.ndarray) -> np.ndarray:
+    """BT.601 Y in [16, 235] of the 8-bit rounded image (MATLAB's rgb2ycbcr, as SR papers use)."""
+    rgb = np.rint(np.clip(pixels, 0, 1) * 255)
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
+    return 16 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+
+
+def _shaved(plane: np.ndarray) -> np.ndarray:
+    return plane[SHAVE:-SHAVE, SHAVE:-SHAVE]
+
+
+def gradient(pixels: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of the Y channel."""
+    y = luma(pixels)
+    return np.hypot(cv2.Sobel(y, cv2.CV_64F, 1, 0), cv2.Sobel(y, cv2.CV_64F, 0, 1))
+
+
+def sr_scores(out: np.ndarray, high: np.ndarray) -> dict[str, float | None]:
+    """PSNR and SSIM on Y with the border shaved, and sharpness: the output's mean gradient over
+    the high-res image's (1 is as much edge energy as the truth; above 1, invented or noise)."""
+    y_out, y_high = _shaved(luma(out)), _shaved(luma(high))
+    return {
+        "psnr_y": _db(float(np.mean((y_out - y_high) ** 2))),
+        "ssim_y": ssim(y_out[..., None] / 255, y_high[..., None] / 255),
+        "sharpness": float(np.mean(_shaved(gradient(out))) / np.mean(_shaved(gradient(high)))),
+    }
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """cv2.resize to (width, height), keeping the channel axis and the [0, 1] range."""
+    out = cv2.resize(pixels, size, interpolation=interpolation)
+    return np.clip(out.reshape(size[1], size[0], pixels.shape[2]), 0, 1)
+
+
+def centre_crop(pixels: np.ndarray, height: int | None, width: int | None = None) -> np.ndarray:
+    if height is None:
+        return pixels
+    width = height if width is None else width
+    top, left = (pixels.shape[0] - height) // 2, (pixels.shape[1] - width) // 2
+    return pixels[max(top, 0) : max(top, 0) + height, max(left, 0) : max(left, 0) + width]
+
+
+def busiest_window(weight: np.ndarray, size: int) -> tuple[int, int]:
+    """Top-left corner of the size x size window with the largest sum of `weight` (H, W)."""
+    size = min(size, *weight.shape)
+    total = cv2.integral(weight.astype(np.float64))
+    sums = total[size:, size:] - total[:-size, size:] - total[size:, :-size] + total[:-size, :-size]
+    top, left = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(top), int(left)
+
+
+def crop_at(pixels: np.ndarray, corner: tuple[int, int], size: int = SHEET_CELL) -> np.ndarray:
+    return pixels[corner[0] : corner[0] + size, corner[1] : corner[1] + size]
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "inf" if value is None else f"{value:.{digits}f}"
+
+
+# --- contact sheet ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SheetRow:
+    """One row of the contact sheet: a caption over labelled crops of the same place."""
+
+    caption: str
+    cells: list[tuple[str, np.ndarray]]
+
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_GAP, _LABEL_H, _CAPTION_H = 4, 16, 20
+
+
+def _as_bgr8(pixels: np.ndarray) -> np.ndarray:
+    rgb = np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    if rgb.ndim == 2:
+        rgb = rgb[..., None]
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def render_sheet(rows: list[SheetRow], path: Path) -> dict[str, Any]:
+    """Draw the rows into one PNG: a caption strip per row, a label strip over each crop."""
+    columns = max(len(row.cells) for row in rows)
+    width = _GAP + columns * (SHEET_CELL + _GAP)
+    row_h = _CAPTION_H + _LABEL_H + SHEET_CELL + _GAP
+    canvas = np.full((_GAP + len(rows) * row_h, width, 3), 32, np.uint8)
+    for r, row in enumerate(rows):
+        top = _GAP + r * row_h
+        cv2.putText(
+            canvas, row.caption, (_GAP, top + 14), _FONT, 0.45, (255, 255, 255), 1, cv2.LINE_AA
+        )
+        for c, (label, pixels) in enumerate(row.cells):
+            left = _GAP + c * (SHEET_CELL + _GAP)
+            cv2.putText(
+                canvas,
+                label,
+                (left + 2, top + _CAPTION_H + 12),
+                _FONT,
+                0.38,
+                (200, 230, 255),
+                1,
+                cv2.LINE_AA,
+            )
+            tile = _as_bgr8(pixels)[:SHEET_CELL, :SHEET_CELL]
+            y0 = top + _CAPTION_H + _LABEL_H
+            canvas[y0 : y0 + tile.shape[0], left : left + tile.shape[1]] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), canvas, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return {"path": str(path), "bytes": path.stat().st_size, "rows": [r.caption for r in rows]}
+
+
+# --- denoise ---------------------------------------------------------------------------------
+
+
 def denoise_methods() -> dict[str, DenoiseStage]:
     return {
         "nlm h=8": DenoiseStage(DenoiseOptions(method="nlm", h=8)),
@@ -66,60 +275,409 @@ def denoise_methods() -> dict[str, DenoiseStage]:
     }
 
 
-def bench_denoise(ctx: StageContext, limit: int | None) -> list[dict]:
+def bench_denoise(run: Run) -> dict[str, Any]:
     rows = []
     methods = denoise_methods()
-    for noisy_path in sorted(POLYU.glob("*_real.JPG"))[:limit]:
-        noisy = decode(noisy_path)
-        clean = decode(noisy_path.with_name(noisy_path.name.replace("_real.", "_mean."))).pixels
+    crop = run.plan.denoise_crop
+    for noisy_path in sorted(POLYU.glob("*_real.JPG"))[: run.plan.denoise_pairs]:
+        noisy = run.corpus.read(noisy_path)
+        noisy = noisy.replace(pixels=centre_crop(noisy.pixels, crop))
+        clean_path = noisy_path.with_name(noisy_path.name.replace("_real.", "_mean."))
+        clean = centre_crop(run.corpus.read(clean_path).pixels, crop)
         row = {
             "pair": noisy_path.name.removesuffix("_real.JPG"),
             "noisy": {"psnr": psnr(noisy.pixels, clean), "ssim": ssim(noisy.pixels, clean)},
         }
+        outputs = {"noisy": noisy.pixels}
         for name, stage in methods.items():
             started = time.perf_counter()
-            out = stage.run(noisy, ctx).image.pixels
+            result = stage.run(noisy, run.ctx)
+            run.note_model(name, result)
+            outputs[name] = result.image.pixels
             row[name] = {
-                "psnr": psnr(out, clean),
-                "ssim": ssim(out, clean),
+                "psnr": psnr(outputs[name], clean),
+                "ssim": ssim(outputs[name], clean),
                 "seconds": time.perf_counter() - started,
             }
+        if not rows:
+            run.sheet.append(_denoise_sheet_row(row, outputs, clean))
         rows.append(row)
-        print(f"  {row['pair']}", file=sys.stderr)
-    return rows
-
-
-def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
-    names = [key for key in rows[0] if key != "pair"]
+        print(f"  denoise {row['pair']}", file=sys.stderr)
     return {
-        name: {
-            metric: float(np.mean([row[name][metric] for row in rows]))
-            for metric in ("psnr", "ssim")
-        }
+        "data": str(POLYU.relative_to(SHARED)),
+        "crop": f"centre {crop}x{crop}" if crop else None,
+        "pairs": rows,
+        "mean": summarise(rows, "pair", ("psnr", "ssim")),
+    }
+
+
+def _denoise_sheet_row(row: dict, outputs: dict[str, np.ndarray], clean: np.ndarray) -> SheetRow:
+    corner = busiest_window(gradient(clean), SHEET_CELL)
+    cells = [
+        (f"{name} {_fmt(row[name]['psnr'], 1)} dB", crop_at(pixels, corner))
+        for name, pixels in outputs.items()
+    ]
+    cells.append(("clean (mean of shots)", crop_at(clean, corner)))
+    return SheetRow(f"denoise: PolyU {row['pair']}", cells)
+
+
+def summarise(rows: list[dict], key: str, metrics: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Mean of each metric per method over `rows` (each row: {key: name, method: {metric}})."""
+    names = [name for name in rows[0] if name != key]
+    return {
+        name: {metric: float(np.mean([row[name][metric] for row in rows])) for metric in metrics}
         for name in names
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, help="only the first N PolyU pairs")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
-    args = parser.parse_args()
-    if not SHARED.is_dir():
-        print(f"{SHARED} is absent: no corpus to measure", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as cache:
-        ctx = StageContext(models=ModelStore(Path(cache)), device="cpu", precision="fp32")
-        rows = bench_denoise(ctx, args.pairs)
-    summary = summarise(rows)
-    print(f"denoise, PolyU real noise, {len(rows)} pairs (mean against the clean image):")
+def print_denoise(section: dict[str, Any]) -> None:
+    summary = section["mean"]
+    print(
+        f"\ndenoise, PolyU real noise, {len(section['pairs'])} pairs "
+        "(mean against the clean image):"
+    )
     print(f"{'method':<24}{'PSNR dB':>9}{'gain dB':>9}{'SSIM':>8}")
     for name, scores in summary.items():
         gain = scores["psnr"] - summary["noisy"]["psnr"]
         print(f"{name:<24}{scores['psnr']:>9.2f}{gain:>+9.2f}{scores['ssim']:>8.4f}")
+
+
+# --- upscale ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SrCase:
+    """A low-res model input and the high-res truth its 4x (or resized) output is judged by."""
+
+    set: str
+    name: str
+    low: Image
+    high: np.ndarray
+    how: dict[str, Any]  # how the pair was made: source files, crops, resizing
+
+
+def set5_cases(run: Run) -> list[SrCase]:
+    cases = []
+    for high_path in sorted((SET5 / "HR").glob("*.png"))[: run.plan.sr_images]:
+        low_path = SET5 / "LR_bicubic_X4" / f"{high_path.stem}x4.png"
+        low = run.corpus.read(low_path)
+        lr = centre_crop(low.pixels, run.plan.sr_lr_crop)
+        high = centre_crop(run.corpus.read(high_path).pixels, *_times(lr.shape, SCALE))
+        how = {"low_res": "the set's LR_bicubic_X4 file", "lr_crop": _crop_note(low, lr)}
+        cases.append(SrCase("Set5", high_path.stem, low.replace(pixels=lr), high, how))
+    return cases
+
+
+def set14_cases(run: Run) -> list[SrCase]:
+    """Set14 ships no low-res files: HR cropped to a multiple of 4, then cv2 bicubic 1/4."""
+    cases = []
+    for high_path in sorted((SET14 / "HR").glob("*.png"))[: run.plan.sr_images]:
+        source = run.corpus.read(high_path)
+        crop = run.plan.sr_lr_crop
+        h, w = source.height // SCALE * SCALE, source.width // SCALE * SCALE
+        if crop is not None:
+            h, w = min(h, crop * SCALE), min(w, crop * SCALE)
+        high = centre_crop(source.pixels, h, w)
+        eight_bit = np.rint(high * 255).astype(np.uint8)  # stored as 8 bits, like Set5's LR files
+        low = cv2.resize(eight_bit, (w // SCALE, h // SCALE), interpolation=cv2.INTER_CUBIC)
+        low = low.reshape(h // SCALE, w // SCALE, -1).astype(np.float32) / 255
+        how = {
+            "low_res": "HR cropped to a multiple of 4, cv2.resize INTER_CUBIC to 1/4, 8-bit",
+            "hr_crop": _crop_note(source, high),
+        }
+        cases.append(SrCase("Set14", high_path.stem, source.replace(pixels=low), high, how))
+    return cases
+
+
+def _times(shape: tuple[int, ...], factor: int) -> tuple[int, int]:
+    return shape[0] * factor, shape[1] * factor
+
+
+def _crop_note(source: Image, pixels: np.ndarray) -> str | None:
+    if pixels.shape[:2] == source.pixels.shape[:2]:
+        return None
+    return f"centre {pixels.shape[1]}x{pixels.shape[0]} of {source.width}x{source.height}"
+
+
+def city100_ratio(low: np.ndarray, high: np.ndarray) -> float:
+    """The factor by which H must be shrunk (area) and enlarged back (bicubic) to best match L:
+    how much less detail the short-focal-length frame holds, in pixels of the shared grid."""
+    h, w = high.shape[:2]
+    y_low = _shaved(luma(low))
+    best, best_db = float(CITY100_RATIOS[0]), -1.0
+    for ratio in CITY100_RATIOS:
+        small = resize(high, (round(w / ratio), round(h / ratio)), cv2.INTER_AREA)
+        blurred = _shaved(luma(resize(small, (w, h), cv2.INTER_CUBIC)))
+        db = _db(float(np.mean((blurred - y_low) ** 2))) or float("inf")
+        if db > best_db:
+            best, best_db = float(ratio), db
+    return best
+
+
+def city100_cases(run: Run) -> tuple[list[SrCase], dict[str, Any]]:
+    """Real pairs: the L frame, shrunk by the measured detail ratio, is the model input."""
+    pairs = []
+    for high_path in sorted(CITY100.glob("*H.PNG"))[: run.plan.city_pairs]:
+        low_path = high_path.with_name(high_path.name.replace("H.PNG", "L.PNG"))
+        pairs.append((high_path.name[:3], run.corpus.read(low_path), run.corpus.read(high_path)))
+    ratios = {name: city100_ratio(low.pixels, high.pixels) for name, low, high in pairs}
+    ratio = float(np.median(list(ratios.values())))
+    crop = run.plan.city_crop
+    cases = []
+    for name, low, high in pairs:
+        if low.pixels.shape != high.pixels.shape:
+            raise SystemExit(
+                f"City100 {name}: L and H differ in size; this harness expects them"
+                " registered to one pixel grid"
+            )
+        side = round(crop / ratio)
+        lr = resize(centre_crop(low.pixels, crop), (side, side), cv2.INTER_AREA)
+        how = {"hr_crop": _crop_note(high, centre_crop(high.pixels, crop))}
+        case = SrCase("City100", name, low.replace(pixels=lr), centre_crop(high.pixels, crop), how)
+        cases.append(case)
+    note = {
+        "pixel_ratio": 1.0,
+        "detail_ratio_per_pair": ratios,
+        "detail_ratio": ratio,
+        "protocol": (
+            f"L and H are registered to one {pairs[0][2].width}x{pairs[0][2].height} grid (pixel "
+            "ratio 1). The detail ratio is the factor by which H, shrunk with INTER_AREA and "
+            "enlarged back with INTER_CUBIC, best matches L (PSNR-Y, searched 2.0-4.5 in steps "
+            f"of 0.1; median over pairs). A centre {crop}x{crop} crop of L is shrunk with "
+            f"INTER_AREA by that ratio to {round(crop / ratio)} px: the model input. Bicubic and "
+            f"Lanczos enlarge it to {crop} px; a 4x model's output is resized to {crop} px with "
+            "INTER_AREA (or Lanczos when enlarging) before comparing with the H crop."
+        ),
+    }
+    return cases, note
+
+
+Method = Callable[[Image, tuple[int, int]], np.ndarray]
+
+
+def interpolation(flag: int) -> Method:
+    def enlarge(low: Image, size: tuple[int, int]) -> np.ndarray:
+        return resize(low.pixels, size, flag)
+
+    return enlarge
+
+
+def model_method(run: Run, method: str, weights: Path) -> Method:
+    """A 4x model through UpscaleStage at its native scale, its output resized to the truth's
+    size where the case's ratio is not 4 (City100)."""
+    stage = UpscaleStage(UpscaleOptions(model=str(weights), scale=SCALE, tile=256))
+
+    def enlarge(low: Image, size: tuple[int, int]) -> np.ndarray:
+        result = stage.run(low, run.ctx)
+        run.note_model(method, result)
+        out = result.image.pixels
+        if (out.shape[1], out.shape[0]) != size:
+            shrinking = size[0] < out.shape[1]
+            out = resize(out, size, cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4)
+        return out
+
+    return enlarge
+
+
+def warm_up(methods: dict[str, Method], case: SrCase) -> None:
+    """Load every model before timing: an image's seconds then exclude reading the weights."""
+    tiny = case.low.replace(pixels=np.ascontiguousarray(case.low.pixels[:16, :16]))
+    for method in methods.values():
+        method(tiny, (64, 64))
+
+
+def upscale_methods(run: Run) -> dict[str, Method]:
+    methods = {
+        "bicubic": interpolation(cv2.INTER_CUBIC),
+        "lanczos": interpolation(cv2.INTER_LANCZOS4),
+    }
+    for name, weights in UPSCALE_MODELS.items():
+        methods[name] = model_method(run, name, weights)
+    return methods
+
+
+def bench_upscale(run: Run) -> dict[str, Any]:
+    methods = upscale_methods(run)
+    city, city_note = city100_cases(run)
+    sets = {"Set5": set5_cases(run), "Set14": set14_cases(run), "City100": city}
+    warm_up(methods, next(cases[0] for cases in sets.values() if cases))
+    section: dict[str, Any] = {
+        "scale": SCALE,
+        "metrics": (
+            f"PSNR and SSIM on the BT.601 Y channel (rgb2ycbcr, 8-bit) with {SHAVE} px shaved; "
+            "SSIM: 11x11 Gaussian window, sigma 1.5. sharpness: mean Sobel gradient magnitude "
+            "of the output's Y over the high-res image's (1 = as much edge energy as the truth)"
+        ),
+        "methods": {
+            "bicubic": "cv2.resize INTER_CUBIC",
+            "lanczos": "cv2.resize INTER_LANCZOS4",
+            **{
+                name: f"UpscaleStage, {path.name}, fp32, tile 256"
+                for name, path in UPSCALE_MODELS.items()
+            },
+        },
+        "sets": {},
+    }
+    for name, cases in sets.items():
+        shown = _sheet_case(name, cases)
+        rows = [_upscale_case(run, case, methods, case is shown) for case in cases]
+        section["sets"][name] = {
+            "images": rows,
+            "mean": summarise(
+                [row["methods"] | {"image": row["image"]} for row in rows],
+                "image",
+                ("psnr_y", "ssim_y", "sharpness", "seconds"),
+            ),
+        }
+    section["sets"]["City100"]["pairs"] = city_note
+    return section
+
+
+def _sheet_case(set_name: str, cases: list[SrCase]) -> SrCase | None:
+    """The case of this set shown on the sheet: the one named in SHEET_UPSCALE, else (a quick
+    run) the set's first; Set5 is not shown."""
+    if set_name not in {name.split("/")[0] for name in SHEET_UPSCALE} or not cases:
+        return None
+    named = [case for case in cases if f"{case.set}/{case.name}" in SHEET_UPSCALE]
+    return named[0] if named else cases[0]
+
+
+def _upscale_case(
+    run: Run, case: SrCase, methods: dict[str, Method], on_sheet: bool
+) -> dict[str, Any]:
+    size = (case.high.shape[1], case.high.shape[0])
+    outputs, scores = {}, {}
+    for name, method in methods.items():
+        started = time.perf_counter()
+        outputs[name] = method(case.low, size)
+        scores[name] = {
+            **sr_scores(outputs[name], case.high),
+            "seconds": time.perf_counter() - started,
+        }
+    label = f"{case.set}/{case.name}"
+    if on_sheet:
+        run.sheet.append(_upscale_sheet_row(case, outputs, scores))
+    print(f"  upscale {label}", file=sys.stderr)
+    return {
+        "image": case.name,
+        "lr_size": [case.low.width, case.low.height],
+        "hr_size": list(size),
+        **case.how,
+        "methods": scores,
+    }
+
+
+def _upscale_sheet_row(case: SrCase, outputs: dict[str, np.ndarray], scores: dict) -> SheetRow:
+    corner = busiest_window(gradient(case.high), SHEET_CELL)
+    cells = [
+        (f"{name} {_fmt(scores[name]['psnr_y'], 1)} dB", crop_at(outputs[name], corner))
+        for name in ("bicubic", *UPSCALE_MODELS)
+    ]
+    cells.append(("high-res truth", crop_at(case.high, corner)))
+    caption = f"upscale: {case.set}/{case.name}, {case.low.width}x{case.low.height} in (PSNR-Y)"
+    return SheetRow(caption, cells)
+
+
+def print_upscale(section: dict[str, Any]) -> None:
+    for name, data in section["sets"].items():
+        if not data["images"]:
+            continue
+        print(
+            f"\nupscale x{SCALE}, {name}, {len(data['images'])} images (mean; Y channel, "
+            f"{SHAVE} px shaved; sharpness = mean gradient over the truth's):"
+        )
+        print(f"{'method':<16}{'PSNR-Y dB':>10}{'SSIM-Y':>9}{'sharpness':>11}{'s/image':>9}")
+        for method, scores in data["mean"].items():
+            print(
+                f"{method:<16}{scores['psnr_y']:>10.2f}{scores['ssim_y']:>9.4f}"
+                f"{scores['sharpness']:>11.2f}{scores['seconds']:>9.2f}"
+            )
+    pairs = section["sets"]["City100"].get("pairs")
+    if pairs:
+        print(f"City100: detail ratio L:H measured {pairs['detail_ratio']} (pixel ratio 1)")
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def git_state() -> dict[str, Any]:
+    """The commit this ran from, and whether this script differs from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "script_modified": bool(git("status", "--porcelain", "--", "bench/quality.py")),
+    }
+
+
+def command(argv: list[str] | None) -> str:
+    """The command line, paths relative to the repository where they lie inside it."""
+    python = Path(sys.executable)
+    if python.is_relative_to(REPO):
+        python = python.relative_to(REPO)
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join([str(python), str(Path(__file__).relative_to(REPO)), *args])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="one small crop per data set")
+    parser.add_argument("--pairs", type=int, help="only the first N PolyU pairs")
+    results = REPO / "bench" / "results"
+    parser.add_argument("--out", type=Path, default=results / "quality.json")
+    parser.add_argument("--sheet", type=Path, default=results / "quality_sheet.png")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown or not args.sections:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+RUNNERS: dict[str, tuple[Callable[[Run], dict], Callable[[dict], None]]] = {
+    "denoise": (bench_denoise, print_denoise),
+    "upscale": (bench_upscale, print_upscale),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not SHARED.is_dir():
+        print(f"{SHARED} is absent: no corpus or weights to measure with", file=sys.stderr)
+        return 2
+    plan = QUICK if args.quick else FULL
+    if args.pairs is not None:
+        plan = Plan(**{**plan.__dict__, "denoise_pairs": args.pairs})
+    report: dict[str, Any] = {
+        "command": command(argv),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **git_state(),
+        "plan": plan.__dict__,
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        ctx = StageContext(models=ModelStore(Path(cache)), device="cpu", precision="fp32")
+        run = Run(ctx, plan)
+        for name in [s for s in SECTIONS if s in args.sections]:
+            report[name] = RUNNERS[name][0](run)
+    report["seconds"] = time.perf_counter() - started
+    report["corpus"] = dict(sorted(run.corpus.files.items()))
+    report["models"] = run.models
+    if run.sheet:
+        report["sheet"] = render_sheet(run.sheet, args.sheet)
+    for name in [s for s in SECTIONS if s in report]:
+        RUNNERS[name][1](report[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"denoise": {"pairs": rows, "mean": summary}}, indent=2))
-    print(f"wrote {args.out}")
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}" + (f" and {args.sheet}" if run.sheet else ""))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""bench/upscale.py's helpers on tiny models: measurements, agreement, RSS inputs and children.
+"""bench/upscale.py's helpers on tiny models (measurements, agreement, RSS inputs and children),
+bench/quality.py's metrics and a quick run of it on the shared corpus.
 
 No timing is asserted here (timings belong in the benchmark); these prove the helpers work.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import REPO
+from conftest import REPO, shared_file
 from modelfactory import tiny_compact
 
 from pipeline.models import ModelStore
@@ -131,3 +133,59 @@ def test_upstream_import_stubs_basicsr_only_while_loading(tmp_path):
     assert "basicsr" not in sys.modules
     with pytest.raises(reference.UpstreamUnavailable, match="refusing to fetch"):
         module.RealESRGANer.fetch("https://example.invalid/weights.pth")
+
+
+quality = _load("bench_quality", REPO / "bench" / "quality.py")
+
+
+def test_sr_scores_of_the_truth_itself_are_perfect_and_blur_lowers_sharpness():
+    truth = quality.cv2.GaussianBlur(photo(64, 64), (0, 0), 1.0)
+    perfect = quality.sr_scores(truth, truth)
+    assert perfect["psnr_y"] is None  # identical: no finite PSNR
+    assert perfect["ssim_y"] == pytest.approx(1.0)
+    assert perfect["sharpness"] == pytest.approx(1.0)
+    small = quality.resize(truth, (16, 16), quality.cv2.INTER_AREA)
+    blurred = quality.sr_scores(quality.resize(small, (64, 64), quality.cv2.INTER_CUBIC), truth)
+    assert blurred["sharpness"] < 0.6 and blurred["ssim_y"] < 0.8 and blurred["psnr_y"] < 35
+
+
+def test_city100_ratio_recovers_the_factor_a_blurred_copy_was_made_with():
+    high = photo(180, 240)
+    small = quality.resize(high, (80, 60), quality.cv2.INTER_AREA)  # 1/3 of the detail
+    low = quality.resize(small, (240, 180), quality.cv2.INTER_CUBIC)
+    assert quality.city100_ratio(low, high) == pytest.approx(3.0)
+
+
+def test_busiest_window_finds_the_textured_patch():
+    weight = np.zeros((100, 120))
+    weight[60:80, 30:50] = 1
+    assert quality.busiest_window(weight, 20) == (60, 30)
+
+
+def test_quick_upscale_run_writes_per_image_and_mean_scores_with_provenance(tmp_path):
+    shared_file("corpus/sr_benchmark/Set5/LR_bicubic_X4")
+    out, sheet = tmp_path / "quality.json", tmp_path / "sheet.png"
+    argv = ["--quick", "--sections", "upscale", "--out", str(out), "--sheet", str(sheet)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quality.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["command"].endswith("bench/quality.py " + " ".join(argv))
+    assert "denoise" not in report and "restore" not in report
+    methods = {"bicubic", "lanczos", "general-x4v3", "x4plus"}
+    for name in ("Set5", "Set14", "City100"):
+        data = report["upscale"]["sets"][name]
+        assert len(data["images"]) == 1 and set(data["mean"]) == methods
+        assert all(0 < data["mean"][m]["ssim_y"] <= 1 for m in methods)
+    assert {m["model_sha256"] for m in report["models"].values()} == {
+        quality.sha256_file(path) for path in quality.UPSCALE_MODELS.values()
+    }
+    assert any(path.startswith("corpus/real_lr_hr_pairs/City100") for path in report["corpus"])
+    assert 2 <= report["upscale"]["sets"]["City100"]["pairs"]["detail_ratio"] <= 4.5
+    image = quality.cv2.imread(str(sheet))
+    assert image.shape[1] > 4 * quality.SHEET_CELL and report["sheet"]["bytes"] < 2_000_000
+    assert "upscale x4, Set14" in done.stdout
