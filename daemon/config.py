@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.chain import Chain, ChainConfigError, build_chain
 from pipeline.image import DEFAULT_MAX_PIXELS
+from pipeline.models import ModelStore, default_cache_dir
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["PRESETS", "Config", "ConfigError", "load_config", "model_store", "parse_config"]
 
 DEFAULT_STAGES: tuple[dict[str, Any], ...] = ({"kind": "upscale"},)
 
@@ -56,7 +57,83 @@ class ImageConfig(_Section):
 
 
 class PipelineConfig(_Section):
+    # A preset by name (`[presets.NAME]` here or built in) instead of `stages`.
+    preset: str = ""
     stages: tuple[dict[str, Any], ...] = DEFAULT_STAGES
+
+
+# Built-in presets; config.toml ships the same lists (a test keeps them equal) for users to copy
+# and edit, and a `[[presets.NAME]]` list in a config file adds or replaces one by name.
+PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
+    # Faithful: gentle grain-keeping denoise, dust/fade repair, no generated faces, 2x.
+    "archival": (
+        {"kind": "denoise", "method": "nlm", "h": 5.0, "strength": 0.5},
+        {"kind": "restore"},
+        {"kind": "upscale", "model": "realesrgan-x2plus", "scale": 2.0},
+    ),
+    # Family albums: clean-up, restored faces, 4x for printing.
+    "family": (
+        {"kind": "denoise", "method": "nlm", "h": 8.0, "strength": 0.8},
+        {"kind": "restore"},
+        {"kind": "face", "model": "gfpgan-1.4", "fidelity": 0.7},
+        {"kind": "upscale", "model": "realesrgan-x4plus", "scale": 4.0},
+    ),
+    # Fidelity first: faces only half generated, the compact model with most grain kept.
+    "crisp": (
+        {"kind": "restore"},
+        {"kind": "face", "model": "gfpgan-1.4", "fidelity": 0.4},
+        {"kind": "upscale", "model": "realesr-general-x4v3", "scale": 4.0, "denoise_strength": 0.2},
+    ),
+    # Detail first: full learned denoise, fully restored faces, the GAN upscaler.
+    "creative": (
+        {"kind": "denoise", "method": "dncnn", "strength": 1.0},
+        {"kind": "restore"},
+        {"kind": "face", "model": "gfpgan-1.4", "fidelity": 1.0},
+        {"kind": "upscale", "model": "realesrgan-x4plus", "scale": 4.0},
+    ),
+}
+
+
+class WatchConfig(_Section):
+    input: str = "scans"
+    output: str = "restored"
+    mode: Literal["auto", "native", "polling"] = "auto"
+    stable_seconds: float = Field(5.0, ge=0)
+    rescan_seconds: float = Field(900.0, gt=0)
+    ignore: tuple[str, ...] = ()
+
+
+class DaemonConfig(_Section):
+    state_dir: str = ""
+    workers: int = Field(1, ge=1, le=64)
+    lease_seconds: float = Field(120.0, ge=5)
+    max_attempts: int = Field(5, ge=1)
+    max_worker_deaths: int = Field(3, ge=1)
+    stop_timeout: float = Field(60.0, ge=0)
+    mask_sidecar: bool = True
+    provenance_sidecar: bool = True
+
+
+class ScheduleConfig(_Section):
+    active_hours: str = ""
+    fixity_at: str = "03:00"
+    backup_at: str = "04:00"
+    backups_kept: int = Field(7, ge=1)
+
+    @field_validator("active_hours")
+    @classmethod
+    def _hours(cls, value: str) -> str:
+        from daemon.schedule import ActiveHours
+
+        ActiveHours.parse(value)  # its ValueError names the problem
+        return value
+
+    @field_validator("fixity_at", "backup_at")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError('must be "HH:MM" (24-hour) or "" for never')
+        return value
 
 
 class Config(_Section):
@@ -64,9 +141,31 @@ class Config(_Section):
     processing: ProcessingConfig = ProcessingConfig()
     image: ImageConfig = ImageConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    watch: WatchConfig = WatchConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    presets: dict[str, tuple[dict[str, Any], ...]] = {}
 
-    def chain(self) -> Chain:
-        return build_chain(self.pipeline.stages)
+    def presets_all(self) -> dict[str, tuple[dict[str, Any], ...]]:
+        """Built-in presets, then this file's (which win by name)."""
+        return {**PRESETS, **self.presets}
+
+    def stages(self, preset: str | None = None) -> list[dict[str, Any]]:
+        """The stage specs to run: `preset` if given, else pipeline.preset, else stages."""
+        name = preset or self.pipeline.preset
+        if not name:
+            return [dict(spec) for spec in self.pipeline.stages]
+        known = self.presets_all()
+        if name not in known:
+            where = "--preset" if preset else "pipeline.preset"
+            raise ChainConfigError([f"{where}: unknown preset {name!r} (one of {_names(known)})"])
+        return [dict(spec) for spec in known[name]]
+
+    def chain(self, preset: str | None = None) -> Chain:
+        where = (
+            f"presets.{preset or self.pipeline.preset}" if preset or self.pipeline.preset else None
+        )
+        return build_chain(self.stages(preset), path=where or "pipeline.stages")
 
 
 def parse_config(data: dict[str, Any], *, source: str = "config.toml") -> Config:
@@ -82,12 +181,26 @@ def parse_config(data: dict[str, Any], *, source: str = "config.toml") -> Config
             if error["type"] == "extra_forbidden":
                 message = "unknown key"
             problems.append(f"{source}: {loc}: {message}")
-    stages = data.get("pipeline", {}).get("stages", DEFAULT_STAGES)
-    if isinstance(stages, list | tuple):
-        try:
-            build_chain(stages)
-        except ChainConfigError as exc:
-            problems.extend(f"{source}: {line}" for line in exc.problems)
+    pipeline = data.get("pipeline", {})
+    chains = {"pipeline.stages": pipeline.get("stages", DEFAULT_STAGES)}
+    presets = data.get("presets", {})
+    if isinstance(presets, dict):
+        chains |= {f"presets.{name}": stages for name, stages in presets.items()}
+    for where, stages in chains.items():
+        if isinstance(stages, list | tuple):
+            try:
+                build_chain(stages, path=where)
+            except ChainConfigError as exc:
+                problems.extend(f"{source}: {line}" for line in exc.problems)
+    preset = pipeline.get("preset") if isinstance(pipeline, dict) else None
+    if preset:
+        known = {**PRESETS, **(presets if isinstance(presets, dict) else {})}
+        if preset not in known:
+            problems.append(
+                f"{source}: pipeline.preset: unknown preset {preset!r} (one of {_names(known)})"
+            )
+        if "stages" in pipeline:
+            problems.append(f"{source}: pipeline.preset: set either preset or stages, not both")
     if problems or config is None:
         raise ConfigError(problems)
     return config
@@ -105,6 +218,17 @@ def load_config(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     return parse_config(data, source=str(path))
+
+
+def model_store(config: Config) -> ModelStore:
+    """The model cache the config names (or the default one)."""
+    cache = config.models.cache_dir
+    directory = Path(cache).expanduser() if cache else default_cache_dir()
+    return ModelStore(directory, auto_fetch=config.models.auto_fetch)
+
+
+def _names(presets: dict[str, Any]) -> str:
+    return ", ".join(sorted(presets))
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

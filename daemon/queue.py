@@ -365,19 +365,34 @@ class JobQueue:
                 next_attempt_at=timestamp(due),
             )
 
-    def requeue_expired(self) -> list[Job]:
+    def requeue_expired(self, *, penalise: bool = True) -> list[Job]:
         """Crash recovery, at start-up and periodically: reclaim every lease whose holder is
         gone or whose lease expired (see the class docstring). Each counts as a worker death,
-        since a file that takes the whole daemon down must end in quarantine too. Returns the
-        reclaimed jobs in their new state; the caller removes their temporary files."""
+        since a file that takes the whole daemon down must end in quarantine too, unless
+        `penalise` is False: a daemon whose workers hold the image work knows its own crash
+        was not the file's doing, and queues the job again at once. Returns the reclaimed
+        jobs in their new state; the caller removes their temporary files."""
         here = ProcessId.current()
         now, mono = self._clock(), self._monotonic()
         reclaimed = []
         with self.store.transaction():
             for job, expires_mono in self._running():
                 reason = self._abandoned(job, expires_mono, here, now, mono)
-                if reason is not None:
-                    reclaimed.append(self._death(job, f"{job.lease_owner}: {reason}"))
+                if reason is None:
+                    continue
+                why = f"{job.lease_owner}: {reason}"
+                if penalise:
+                    reclaimed.append(self._death(job, why))
+                else:
+                    reclaimed.append(
+                        self._set(
+                            job,
+                            state="queued",
+                            **_NO_LEASE,
+                            last_error=why,
+                            next_attempt_at=self._now(),
+                        )
+                    )
         return reclaimed
 
     def _abandoned(

@@ -292,9 +292,20 @@ def _script(sql: str) -> Callable[[sqlite_utils.Database], object]:
     return lambda db: db.executescript(sql)
 
 
+# A run's token is written into its output files (XMP RunId) before the run row exists. A job's
+# publication plan (the final names and hashes of its outputs) is recorded before the files
+# are linked into place, so a crash between linking and recording finishes the record on
+# restart instead of publishing the same recipe twice.
+_PUBLICATION = """
+ALTER TABLE runs ADD COLUMN run_token TEXT;
+CREATE INDEX runs_token ON runs (run_token);
+ALTER TABLE jobs ADD COLUMN publishing TEXT;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_provenance", _script(_PROVENANCE)),
     Migration("0002_jobs", _script(_JOBS)),
+    Migration("0003_publication", _script(_PUBLICATION)),
 )
 
 
@@ -351,6 +362,7 @@ class RunRecord:
     error: str | None
     stages: tuple[StageRun, ...]
     outputs: tuple[OutputFile, ...]
+    run_token: str | None = None  # the RunId written into the output files
 
 
 @dataclass(frozen=True)
@@ -592,6 +604,7 @@ class Store:
         device: str | None = None,
         error: str | None = None,
         job_id: int | None = None,
+        run_token: str | None = None,
         stages: Sequence[Mapping[str, Any]] = (),
         outputs: Sequence[OutputFile] = (),
     ) -> int:
@@ -617,6 +630,7 @@ class Store:
                     "device": device,
                     "code_version": code_version,
                     "error": error,
+                    "run_token": run_token,
                 }
             )
             run_id = int(runs.last_pk)
@@ -782,6 +796,7 @@ class Store:
             error=row["error"],
             stages=stages,
             outputs=outputs,
+            run_token=row["run_token"],
         )
 
     def events(

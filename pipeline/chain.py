@@ -64,25 +64,56 @@ class Chain:
             for s in self.stages
         ]
 
+    def models(self) -> list[tuple[int, str]]:
+        """(stage index, model ref) for every model the chain will load."""
+        return [(index, ref) for index, stage in enumerate(self.stages) for ref in stage.models()]
+
+    def check_models(self, store: Any, *, path: str = "pipeline.stages") -> None:
+        """Every model the chain needs is in `store`'s cache or fetchable: checked before any
+        image, so a missing face model stops the start, not the middle of a batch."""
+        problems = [
+            f"{path}[{index}] ({self.stages[index].name}): {reason}"
+            for index, ref in self.models()
+            if (reason := store.unavailable(ref)) is not None
+        ]
+        if problems:
+            raise ChainConfigError(problems)
+
     def run(self, image: Image, ctx: StageContext) -> ChainResult:
         records: list[StageRecord] = []
         masks: dict[str, Any] = {}
-        for stage in self.stages:
-            started = time.perf_counter()
-            result = stage.run(image, ctx)
-            records.append(
-                StageRecord(
-                    stage.name,
-                    stage.version,
-                    result.params,
-                    time.perf_counter() - started,
-                    result.skipped,
-                )
-            )
-            if result.mask is not None:
-                masks[stage.name] = result.mask
-            image = result.image
+        stages = list(self.stages)
+        while stages:
+            stage = stages.pop(0)
+            if stage.name == "face" and stages and stages[0].name == "upscale":
+                # Faces are restored at the output resolution, as upstream does with a
+                # background upsampler: upscale first, then paste the 512px faces (found on
+                # the smaller image) into the upscaled one.
+                upscale = stages.pop(0)
+                upscaled = self._step(upscale, image, ctx, records, masks)
+                image = self._step(stage, image, ctx, records, masks, target=upscaled)
+            else:
+                image = self._step(stage, image, ctx, records, masks)
         return ChainResult(image=image, stages=records, masks=masks)
+
+    @staticmethod
+    def _step(
+        stage: Stage,
+        image: Image,
+        ctx: StageContext,
+        records: list[StageRecord],
+        masks: dict[str, Any],
+        **extra: Any,
+    ) -> Image:
+        started = time.perf_counter()
+        result = stage.run(image, ctx, **extra)
+        seconds = time.perf_counter() - started
+        records.append(
+            StageRecord(stage.name, stage.version, result.params, seconds, result.skipped)
+        )
+        if result.mask is not None:
+            masks[stage.name] = result.mask
+        return result.image
 
 
 def build_chain(specs: Sequence[Mapping[str, Any]], *, path: str = "pipeline.stages") -> Chain:
@@ -109,9 +140,45 @@ def build_chain(specs: Sequence[Mapping[str, Any]], *, path: str = "pipeline.sta
             problems.extend(_validation_lines(exc, where))
     if not specs:
         problems.append(f"{path}: the chain is empty")
+    problems.extend(_order_problems(specs, path))
     if problems:
         raise ChainConfigError(problems)
     return Chain(tuple(stages))
+
+
+# Where each kind belongs: clean-up works on the scan's own pixels, faces are generated on the
+# cleaned image, and upscaling comes last (everything after it would work on 4-16x the pixels
+# and on detail the model invented).
+_PLACE = {"denoise": 0, "restore": 0, "face": 1, "upscale": 2}
+_WHY = {
+    "face": "faces are restored from the cleaned image",
+    "upscale": "stages after an upscale would work on many more pixels and on invented detail",
+}
+
+
+def _order_problems(specs: Sequence[Mapping[str, Any]], path: str) -> list[str]:
+    """Orders that make no sense: a kind twice, or a kind after one that must follow it."""
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for index, spec in enumerate(specs):
+        kind = spec.get("kind")
+        if kind not in _PLACE:
+            continue
+        if kind in seen:
+            problems.append(
+                f"{path}[{index}].kind: {kind!r} again (already stage {seen[kind]}); "
+                "a kind runs at most once per chain"
+            )
+            continue
+        later = [k for k in seen if _PLACE[k] > _PLACE[kind]]
+        if later:
+            first = min(later, key=lambda k: seen[k])
+            problems.append(
+                f"{path}[{index}].kind: {kind!r} after {first!r} (stage {seen[first]}): "
+                f"put {kind!r} first; {_WHY[first]}"
+            )
+        seen[kind] = index
+    return problems
 
 
 def _validation_lines(exc: ValidationError, where: str) -> list[str]:

@@ -831,6 +831,23 @@ class ModelStore:
             f"{text!r} is neither a known model id nor a file (known ids: {', '.join(specs)})"
         )
 
+    def unavailable(self, ref: str | os.PathLike[str]) -> str | None:
+        """Why `ref` could not be loaded now, or None; cheap (no hashing, no download), so a
+        whole chain's weights can be checked before a batch starts."""
+        text = os.fspath(ref)
+        specs = self.specs()
+        hint = "`scanrestore models fetch ID` or `scanrestore models import FILE`"
+        if text in specs:
+            spec = specs[text]
+            if self.path_for(spec).is_file():
+                return None if spec.sha256 else f"{text}: no sha256 pinned yet; use {hint}"
+            if self.auto_fetch and spec.url is not None and spec.sha256 is not None:
+                return None  # fetched, hash-checked, on first use
+            return f"{text}: weights are not in the cache ({self.path_for(spec)}); use {hint}"
+        if Path(text).expanduser().is_file():
+            return None
+        return f"{text!r} is neither a known model id nor a file"
+
     def _resolve_spec(self, spec: ModelSpec) -> ResolvedModel:
         path = self.path_for(spec)
         hint = f"run `scanrestore models fetch {spec.id}` or `scanrestore models import FILE`"

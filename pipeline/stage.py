@@ -48,4 +48,8 @@ class Stage(Protocol):
     version: ClassVar[int]
     Options: ClassVar[type[StageOptions]]
 
+    def models(self) -> list[str]:
+        """Model refs (ids or paths) the stage will load, so weights are checked up front."""
+        ...
+
     def run(self, image: Image, ctx: StageContext) -> StageResult: ...

@@ -45,7 +45,8 @@ def _documented_keys(text: str) -> set[str]:
 def test_shipped_config_documents_every_option():
     text = SHIPPED.read_text()
     keys = _documented_keys(text)
-    missing = {f for f in _fields(Config) if f != "pipeline.stages"} - keys
+    fields = _fields(Config) - {"pipeline.stages"}
+    missing = {f for f in fields if f not in keys and not any(k.startswith(f"{f}.") for k in keys)}
     assert not missing, f"config.toml does not document {sorted(missing)}"
     assert {t["kind"] for t in tomllib.loads(text)["pipeline"]["stages"]} <= set(STAGES)
     for kind in STAGES:  # every stage's options, set or shown commented out

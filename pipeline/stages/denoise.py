@@ -54,6 +54,13 @@ class DenoiseStage:
         self.options = options or DenoiseOptions()
         self._engines = EngineCache()
 
+    def models(self) -> list[str]:
+        opts = self.options
+        if opts.method == "nlm":
+            return []
+        default = "dncnn-color-blind" if opts.method == "dncnn" else None
+        return [ref for ref in (opts.model or default, opts.grey_model) if ref is not None]
+
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
         if opts.method == "nlm":

@@ -67,6 +67,12 @@ class UpscaleStage:
         self.options = options or UpscaleOptions()
         self._engines = EngineCache()
 
+    def models(self) -> list[str]:
+        opts = self.options
+        if opts.denoise_strength is None:
+            return [opts.model]
+        return [opts.model, opts.denoise_model or DENOISE_TWINS[opts.model]]
+
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
         engine, model_params = self._engine(ctx)

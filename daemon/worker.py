@@ -1,0 +1,394 @@
+"""Worker processes: decoding and inference run in a child process, so a decoder crash or an
+out-of-memory kill takes down only that child. The parent publishes what a child wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import multiprocessing
+import os
+import secrets
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.outputs import TEMP_MARKER
+
+__all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings"]
+
+log = logging.getLogger("scanrestore.worker")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a child needs to build its chain: plain data, so it pickles under `spawn`."""
+
+    config: dict[str, Any]  # Config.model_dump(mode="json")
+    preset: str | None = None
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    job_id: int
+    run_id: str
+    source: str  # absolute path of the original, opened read-only
+    source_sha256: str  # what ingest hashed; a different hash now means the scan changed
+    dest_dir: str
+    stem: str
+    recipe_sha256: str
+    software: str
+    mask: bool = True  # write the mask of invented pixels as a sidecar
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A child's report for one task. `files` are fsynced temporary files in `dest_dir`."""
+
+    task: Task
+    status: str  # "ok", "error" or "changed" (the source changed while it was processed)
+    error: str | None = None
+    error_type: str | None = None
+    retryable: bool = True
+    files: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """A child exited while it held `task` (killed, crashed in native code, out of memory)."""
+
+    task: Task
+    exitcode: int | None
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ parent side
+
+
+class _Slot:
+    def __init__(self, ctx: Any, settings: WorkerSettings, index: int) -> None:
+        self.index = index
+        parent, child = ctx.Pipe()
+        self.conn: Connection = parent
+        self.process = ctx.Process(
+            target=_child_main,
+            args=(child, settings, os.getpid()),
+            name=f"scanrestore-worker-{index}",
+        )
+        self.process.start()
+        child.close()
+        self.task: Task | None = None
+
+
+class WorkerPool:
+    """N child processes, each working on one task at a time."""
+
+    def __init__(self, settings: WorkerSettings, size: int = 1, *, start_method: str = "spawn"):
+        self._ctx = multiprocessing.get_context(start_method)
+        self._settings = settings
+        self._slots = [_Slot(self._ctx, settings, index) for index in range(size)]
+
+    @property
+    def busy(self) -> list[Task]:
+        return [slot.task for slot in self._slots if slot.task is not None]
+
+    def idle(self) -> int:
+        return sum(slot.task is None for slot in self._slots)
+
+    def submit(self, task: Task) -> None:
+        slot = next(slot for slot in self._slots if slot.task is None)
+        slot.task = task
+        slot.conn.send(task)
+
+    def poll(self, timeout: float) -> list[Outcome | WorkerDied]:
+        """Outcomes and deaths that happened within `timeout` seconds; dead children are
+        replaced so the pool keeps its size."""
+        busy = [slot for slot in self._slots if slot.task is not None]
+        handles = {slot.conn: slot for slot in busy} | {
+            slot.process.sentinel: slot for slot in busy
+        }
+        if not handles:
+            time.sleep(timeout)
+            return []
+        events: list[Outcome | WorkerDied] = []
+        for ready in wait(list(handles), timeout):
+            slot = handles[ready]
+            if slot.task is None:
+                continue  # both its pipe and its sentinel fired: handled already
+            outcome = self._receive(slot)
+            events.append(outcome)
+            slot.task = None
+            if isinstance(outcome, WorkerDied):
+                self._replace(slot)
+        return events
+
+    def _receive(self, slot: _Slot) -> Outcome | WorkerDied:
+        assert slot.task is not None
+        try:
+            if slot.conn.poll():
+                return slot.conn.recv()
+        except (EOFError, OSError):
+            pass
+        slot.process.join(5)
+        return WorkerDied(slot.task, slot.process.exitcode)
+
+    def _replace(self, slot: _Slot) -> None:
+        slot.conn.close()
+        if slot.process.is_alive():
+            slot.process.kill()
+        slot.process.join()
+        self._slots[slot.index] = _Slot(self._ctx, self._settings, slot.index)
+
+    def stop(self, timeout: float) -> list[Task]:
+        """Ask every child to finish its task and exit; after `timeout` seconds kill the rest.
+        Returns the tasks abandoned (their temporary files are the caller's to remove)."""
+        deadline = time.monotonic() + timeout
+        for slot in self._slots:
+            if slot.task is None:
+                _send_quietly(slot.conn, None)
+        abandoned: list[Task] = []
+        while any(slot.task is not None for slot in self._slots):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for event in self.poll(min(left, 0.5)):
+                if isinstance(event, Outcome):
+                    abandoned.append(event.task)  # finished, but the caller stopped listening
+        for slot in self._slots:
+            if slot.task is not None:
+                abandoned.append(slot.task)
+                slot.process.kill()
+            else:
+                _send_quietly(slot.conn, None)
+            slot.process.join(max(0.0, deadline - time.monotonic()) + 5)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+            slot.conn.close()
+        return abandoned
+
+    def drain(self, timeout: float) -> list[Outcome | WorkerDied]:
+        """Wait up to `timeout` for the running tasks and return their events (for SIGTERM:
+        finish the current image within the stop timeout)."""
+        deadline = time.monotonic() + timeout
+        events: list[Outcome | WorkerDied] = []
+        while self.busy and (left := deadline - time.monotonic()) > 0:
+            events += self.poll(min(left, 0.5))
+        return events
+
+
+def _send_quietly(conn: Connection, message: Any) -> None:
+    with contextlib.suppress(BrokenPipeError, OSError):
+        conn.send(message)
+
+
+# ------------------------------------------------------------------------------- child side
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a killed daemon: it would go on writing files the restarted
+    daemon has already cleaned up. Linux's parent-death signal kills it with the parent."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the closed pipe still ends the worker after its current image
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _child_main(conn: Connection, settings: WorkerSettings, parent: int) -> None:
+    _die_with_parent(parent)
+    # The parent handles SIGINT/SIGTERM and tells children when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    runner = _Runner(settings)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        conn.send(runner.run(task))
+
+
+class _Runner:
+    def __init__(self, settings: WorkerSettings) -> None:
+        from daemon.config import Config, model_store
+
+        config = Config.model_validate(settings.config)
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        self.config = config
+        self.chain = config.chain(settings.preset)
+        self.store = model_store(config)
+        self.device = settings.device
+
+    def run(self, task: Task) -> Outcome:
+        from pipeline.errors import PipelineError
+
+        started = time.perf_counter()
+        temps: list[Path] = []
+        try:
+            outcome = self._process(task, temps, started)
+        except PipelineError as exc:
+            outcome = _failure(task, str(exc), exc, retryable=False, started=started)
+        except MemoryError as exc:
+            outcome = _failure(task, f"{task.source}: out of memory", exc, True, started)
+        except OSError as exc:  # disk full, permissions, a share gone: worth another try
+            outcome = _failure(task, f"{task.source}: {exc}", exc, True, started)
+        except Exception as exc:  # a bug on one image must not take the worker down
+            log.error("internal error on %r\n%s", task.source, traceback.format_exc())
+            outcome = _failure(task, f"{task.source}: internal error: {exc!r}", exc, True, started)
+        if outcome.status != "ok":
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+        return outcome
+
+    def _process(self, task: Task, temps: list[Path], started: float) -> Outcome:
+        from pipeline import image as imageio
+        from pipeline.stage import StageContext
+        from pipeline.stamp import stamp
+
+        if hash_file(task.source) != task.source_sha256:
+            return Outcome(task, "changed", error=f"{task.source}: changed since it was queued")
+        image = imageio.decode(Path(task.source), max_pixels=self.config.image.max_pixels)
+        dest = Path(task.dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(
+            models=self.store,
+            device=self.device,
+            precision=self.config.processing.precision,
+            seed=self.config.processing.seed,
+            scratch_dir=dest,
+        )
+        result = self.chain.run(image, ctx)
+        stages = [record.as_dict() for record in result.stages]
+        metadata = stamp(
+            result.image.metadata,
+            software=task.software,
+            properties={"RunId": task.run_id, "RecipeSHA256": task.recipe_sha256},
+            stages=[_stage_line(record) for record in stages],
+        )
+        fmt = self.config.image.output_format
+        fmt = image.format if fmt == "same" else fmt
+        files = [
+            self._write(
+                task,
+                temps,
+                "image",
+                imageio.suffix_for(fmt),
+                lambda path: imageio.encode(
+                    result.image.replace(metadata=metadata),
+                    path,
+                    format=fmt,
+                    quality=self.config.image.quality,
+                ),
+            )
+        ]
+        mask = _invented(result.masks, result.image.width, result.image.height)
+        if task.mask and mask is not None:
+            files.append(self._write(task, temps, "mask", ".mask.png", _mask_writer(mask)))
+        if hash_file(task.source) != task.source_sha256:
+            return Outcome(task, "changed", error=f"{task.source}: changed while processed")
+        return Outcome(
+            task,
+            "ok",
+            files=files,
+            stages=stages,
+            seconds=time.perf_counter() - started,
+            device=ctx.device,
+        )
+
+    @staticmethod
+    def _write(
+        task: Task, temps: list[Path], kind: str, suffix: str, write: Callable[[Path], object]
+    ) -> dict[str, Any]:
+        temp = Path(task.dest_dir) / f"._{task.stem}{suffix}{TEMP_MARKER}{secrets.token_hex(4)}"
+        temps.append(temp)
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        return {
+            "kind": kind,
+            "temp": str(temp),
+            "suffix": suffix,
+            "sha256": hash_file(temp),
+            "bytes": temp.stat().st_size,
+        }
+
+
+def _failure(task: Task, message: str, exc: BaseException, retryable: bool, started: float):
+    return Outcome(
+        task,
+        "error",
+        error=message,
+        error_type=type(exc).__name__,
+        retryable=retryable,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _stage_line(record: dict[str, Any]) -> str:
+    params = record["params"]
+    model = params.get("model")
+    text = f"{record['stage']} v{record['version']}"
+    if model:
+        text += f" {model} sha256:{params.get('model_sha256')}"
+    if record.get("skipped"):
+        text += f" (skipped: {record['skipped']})"
+    return text
+
+
+def _invented(masks: dict[str, Any], width: int, height: int) -> np.ndarray | None:
+    """One 8-bit mask of every pixel a stage invented, at the output's size (a stage that ran
+    before an upscale returned its mask at the smaller size)."""
+    import cv2
+
+    combined = None
+    for mask in masks.values():
+        mask = np.asarray(mask)
+        if mask.dtype != np.uint8:
+            mask = np.clip(np.rint(mask.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        if mask.shape[:2] != (height, width):
+            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        combined = mask if combined is None else np.maximum(combined, mask)
+    return combined
+
+
+def _mask_writer(mask: np.ndarray) -> Callable[[Path], object]:
+    def write(path: Path) -> None:
+        import cv2
+
+        ok, data = cv2.imencode(".png", mask)
+        if not ok:
+            raise OSError(f"{path}: PNG encoding of the mask failed")
+        with open(path, "wb") as handle:
+            handle.write(data.tobytes())
+
+    return write

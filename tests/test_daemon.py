@@ -1,0 +1,390 @@
+"""The daemon end to end: real folders, a real SQLite file, real worker processes, a tiny model.
+
+Most tests run `scanrestore watch --once` in-process; those about signals and crashes run the
+daemon as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CORPUS, shared_file
+from modelfactory import nearest_compact, tiny_compact
+
+from daemon.cli import main
+from daemon.worker import hash_file
+
+REPO = Path(__file__).resolve().parents[1]
+SET5 = "corpus/sr_benchmark/Set5/HR"
+
+
+class Site:
+    """A watched folder, an output folder, a state folder and a config file."""
+
+    def __init__(self, root: Path, model: Path, **sections: dict) -> None:
+        self.root = root
+        self.scans, self.out, self.state = root / "scans", root / "out", root / "state"
+        self.scans.mkdir(parents=True, exist_ok=True)
+        self.config = root / "config.toml"
+        self.model = model
+        self.write_config(**sections)
+
+    def write_config(self, *, scale: float = 2.0, model: Path | None = None, **sections) -> None:
+        base = {
+            "models": {"cache_dir": str(self.root / "cache"), "auto_fetch": False},
+            "processing": {"device": "cpu", "precision": "fp32", "threads": 1},
+            "watch": {
+                "input": str(self.scans),
+                "output": str(self.out),
+                "stable_seconds": 0.3,
+                "mode": "polling",
+            },
+            "daemon": {"state_dir": str(self.state), "stop_timeout": 30.0, "lease_seconds": 30.0},
+        }
+        for name, values in sections.items():
+            base[name] = {**base.get(name, {}), **values}
+        lines = []
+        for name, values in base.items():
+            lines.append(f"[{name}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [
+            "[[pipeline.stages]]",
+            'kind = "upscale"',
+            f"model = {json.dumps(str(model or self.model))}",
+            f"scale = {scale}",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def cli(self, *args: str) -> int:
+        return main(["--config", str(self.config), *args])
+
+    def once(self) -> int:
+        return self.cli("watch", "--once")
+
+    def json(self, capsys, *args: str):
+        capsys.readouterr()
+        self.cli(*args, "--json")
+        return json.loads(capsys.readouterr().out)
+
+    def outputs(self) -> list[str]:
+        return sorted(
+            p.relative_to(self.out).as_posix() for p in self.out.rglob("*") if p.is_file()
+        )
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.state / "scanrestore.db")
+
+    def spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(self.config), "-v", "watch"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return nearest_compact(tmp_path_factory.mktemp("model") / "nearest2x.pth", scale=2)
+
+
+@pytest.fixture
+def site(tmp_path, model) -> Site:
+    return Site(tmp_path, model)
+
+
+def _drop(site: Site, name: str, source: str = f"{SET5}/bird.png") -> Path:
+    target = site.scans / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shared_file(source), target)
+    return target
+
+
+def _wait(predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_dropped_file_is_published_as_v1_with_provenance_and_history(site, capsys):
+    original = _drop(site, "album/bird.png")
+    before = hash_file(original)
+    assert site.once() == 0
+    assert site.outputs() == ["album/bird.v1.json", "album/bird.v1.png"]
+    with site.db() as db:
+        (status, token) = db.execute("SELECT status, run_token FROM runs").fetchone()
+        stages = db.execute("SELECT stage, model_sha256 FROM stage_runs").fetchall()
+        outputs = db.execute("SELECT path, version, output_sha256 FROM outputs").fetchall()
+    assert status == "done" and stages == [("upscale", hash_file(site.model))]
+    assert ("album/bird.v1.png", 1, hash_file(site.out / "album/bird.v1.png")) in outputs
+    history = site.json(capsys, "history", "album/bird.png")
+    assert [h["outputs"][0]["path"] for h in history] == ["album/bird.v1.png"]
+    sidecar = json.loads((site.out / "album/bird.v1.json").read_text())
+    assert sidecar["run_id"] == token and sidecar["source"]["sha256"] == before
+    from pipeline.image import decode
+
+    xmp = decode(site.out / "album/bird.v1.png").metadata.xmp.decode()
+    assert f"<scanrestore:RunId>{token}</scanrestore:RunId>" in xmp
+    assert hash_file(original) == before  # the original is untouched
+
+
+def test_the_same_bytes_under_another_name_are_linked_not_processed_again(site, capsys):
+    _drop(site, "bird.png")
+    assert site.once() == 0
+    _drop(site, "copies/bird-again.png")
+    assert site.once() == 0
+    assert site.outputs() == ["bird.v1.json", "bird.v1.png"]
+    history = site.json(capsys, "history", "copies/bird-again.png")
+    assert [run["path"] for run in history] == ["bird.png"]  # linked to the existing outputs
+    with site.db() as db:
+        events = db.execute("SELECT kind, path FROM events WHERE kind = 'duplicate'").fetchall()
+    assert events == [("duplicate", "copies/bird-again.png")]
+
+
+def test_a_recipe_change_yields_v2_and_leaves_v1_byte_identical(site, tmp_path):
+    _drop(site, "bird.png")
+    assert site.once() == 0
+    v1 = hash_file(site.out / "bird.v1.png")
+    site.write_config(model=tiny_compact(tmp_path / "other.pth", scale=2))
+    assert site.once() == 0
+    assert site.outputs() == ["bird.v1.json", "bird.v1.png", "bird.v2.json", "bird.v2.png"]
+    assert hash_file(site.out / "bird.v1.png") == v1
+
+
+def test_reprocess_forces_a_new_version(site):
+    _drop(site, "bird.png")
+    assert site.once() == 0
+    assert site.cli("reprocess", str(site.scans / "bird.png")) == 0
+    assert site.once() == 0
+    assert "bird.v2.png" in site.outputs()
+
+
+def test_ignored_names_are_skipped_and_symlinks_refused_and_recorded(site, capsys):
+    _drop(site, "good.png")
+    _drop(site, ".hidden.png")
+    _drop(site, "scan.png.part")
+    _drop(site, "@eaDir/thumb.png")
+    (site.scans / "link.png").symlink_to(site.scans / "good.png")
+    assert site.once() == 0
+    assert site.outputs() == ["good.v1.json", "good.v1.png"]
+    with site.db() as db:
+        refused = db.execute("SELECT path, detail_json FROM events WHERE kind='refused'").fetchall()
+    assert [path for path, _ in refused] == ["link.png"]
+    assert "symbolic link" in refused[0][1]
+
+
+def test_a_window_outside_the_current_time_ingests_but_does_not_process(site, capsys):
+    now = time.localtime()
+    start = f"{(now.tm_hour + 2) % 24:02d}:00"
+    end = f"{(now.tm_hour + 3) % 24:02d}:00"
+    site.write_config(schedule={"active_hours": f"{start}-{end}"})
+    _drop(site, "bird.png")
+    daemon = site.spawn()
+    try:
+        _wait(lambda: _count(site, "SELECT COUNT(*) FROM jobs") == 1, what="the file queued")
+        time.sleep(2)
+        assert site.outputs() == []
+        status = site.json(capsys, "status")
+        assert status["counts"]["queued"] == 1 and status["window_open"] is False
+        assert status["next_window"].startswith(time.strftime("%Y-%m-%d")[:4])
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    site.write_config(
+        schedule={"active_hours": f"{now.tm_hour:02d}:00-{(now.tm_hour + 1) % 24:02d}:00"}
+    )
+    assert site.once() == 0
+    assert site.outputs() == ["bird.v1.json", "bird.v1.png"]
+
+
+def _count(site: Site, sql: str) -> int:
+    if not (site.state / "scanrestore.db").exists():
+        return -1
+    with site.db() as db:
+        try:
+            return db.execute(sql).fetchone()[0]
+        except sqlite3.OperationalError:
+            return -1
+
+
+def test_a_polling_daemon_takes_a_slowly_written_file_once_complete_and_stops_on_sigterm(site):
+    daemon = site.spawn()
+    try:
+        _wait(lambda: (site.state / "scanrestore.db").exists(), what="the database")
+        data = shared_file(f"{SET5}/baby.png").read_bytes()
+        with open(site.scans / "slow.png", "wb") as handle:
+            for start in range(0, len(data), len(data) // 6 + 1):
+                handle.write(data[start : start + len(data) // 6 + 1])
+                handle.flush()
+                time.sleep(0.5)  # longer than stable_seconds between chunks ... events keep it
+        _wait(lambda: "slow.v1.png" in site.outputs(), what="the output")
+        time.sleep(1.5)
+        started = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert site.outputs() == ["slow.v1.json", "slow.v1.png"]
+    assert _count(site, "SELECT COUNT(*) FROM runs") == 1
+
+
+def test_a_second_daemon_on_the_same_state_folder_is_refused(site):
+    first = site.spawn()
+    try:
+        _wait(lambda: (site.state / "scanrestore.lock").exists(), what="the lock")
+        time.sleep(1)
+        second = site.spawn()
+        _out, err = second.communicate(timeout=120)
+        assert second.returncode == 78
+        assert "another scanrestore daemon" in err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+
+
+def test_sigkill_mid_job_then_restart_leaves_exactly_one_output_per_source(site):
+    names = [f"img{i}.png" for i in range(4)]
+    originals = {
+        name: _drop(site, name, f"{SET5}/{src}")
+        for name, src in zip(
+            names, ["baby.png", "bird.png", "butterfly.png", "head.png"], strict=True
+        )
+    }
+    hashes = {name: hash_file(path) for name, path in originals.items()}
+    daemon = site.spawn()
+    _wait(
+        lambda: _count(site, "SELECT COUNT(*) FROM jobs WHERE state='running'") >= 1,
+        what="a running job",
+    )
+    daemon.kill()
+    daemon.wait(30)
+    _kill_orphan_workers()
+    assert site.once() == 0
+    images = [p for p in site.outputs() if p.endswith(".png")]
+    assert sorted(images) == sorted(f"{Path(n).stem}.v1.png" for n in names)
+    assert not [p for p in site.out.rglob("*") if ".tmp-" in p.name]
+    with site.db() as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert (
+            db.execute("SELECT COUNT(*) FROM jobs WHERE state NOT IN ('done')").fetchone()[0] == 0
+        )
+    assert {name: hash_file(path) for name, path in originals.items()} == hashes
+
+
+def _kill_orphan_workers() -> None:
+    """A SIGKILLed daemon's workers notice the closed pipe and exit; wait for them briefly."""
+    time.sleep(1)
+
+
+def test_the_fixity_audit_reports_a_modified_output_and_a_deleted_original(site, capsys):
+    from daemon.config import load_config
+    from daemon.service import Daemon
+
+    _drop(site, "a.png")
+    _drop(site, "b.png", f"{SET5}/head.png")
+    assert site.once() == 0
+    (site.out / "a.v1.png").write_bytes(b"tampered")
+    (site.scans / "b.png").unlink()
+    Daemon(load_config(site.config)).audit_fixity()
+    status = site.json(capsys, "status")
+    problems = {(p["kind"], p["path"]) for p in status["fixity"]["problems"]}
+    assert any(kind.endswith("mismatch") and path == "a.v1.png" for kind, path in problems), (
+        problems
+    )
+    assert any(kind.endswith("missing") and path == "b.png" for kind, path in problems), problems
+
+
+def test_every_hostile_input_ends_failed_or_quarantined_and_a_good_file_still_flows(site, capsys):
+    hostile = sorted((CORPUS / "hostile_inputs").iterdir()) if CORPUS.is_dir() else []
+    if not hostile:
+        shared_file("corpus/hostile_inputs")
+    for path in hostile:
+        shutil.copy(path, site.scans / path.name)
+    assert site.once() == 1  # failures are reported in the exit status ...
+    _drop(site, "good.png")
+    assert site.once() == 0  # ... and the next file is processed
+    assert "good.v1.png" in site.outputs()
+    status = site.json(capsys, "status")
+    failed = {job["path"]: job for job in status["recent_failures"]}
+    with site.db() as db:
+        states = dict(db.execute("SELECT path, state FROM jobs").fetchall())
+        errors = dict(db.execute("SELECT path, last_error FROM jobs").fetchall())
+    waiting = {e["path"]: e["reason"] for e in status["recent_events"] if e["kind"] == "waiting"}
+    for path in hostile:
+        if path.stat().st_size == 0:  # a placeholder: never taken while empty, and shown
+            assert "empty" in waiting[path.name]
+            continue
+        assert states.get(path.name) in ("failed", "quarantined"), (path.name, states)
+        assert errors[path.name].startswith(str(site.scans / path.name)), errors[path.name]
+    assert failed
+
+
+def _big_scan(path: Path, side: int = 2400) -> Path:
+    """A real photo tiled to a few megapixels: slow enough to be caught mid-image."""
+    import cv2
+    import numpy as np
+
+    tile = cv2.imread(str(shared_file(f"{SET5}/baby.png")))
+    reps = side // tile.shape[0] + 1
+    cv2.imwrite(str(path), np.tile(tile, (reps, reps, 1))[:side, :side])
+    return path
+
+
+def test_a_file_that_keeps_killing_its_worker_is_quarantined_while_others_flow(site, capsys):
+    import psutil
+
+    site.write_config(daemon={"max_worker_deaths": 2})
+    _big_scan(site.scans / "victim.png")
+    daemon = site.spawn()
+    kills = 0
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            state = _scalar(site, "SELECT state FROM jobs WHERE path = 'victim.png'")
+            if state == "quarantined":
+                break
+            if state == "running":
+                for child in psutil.Process(daemon.pid).children():
+                    if "multiprocessing" in " ".join(child.cmdline()):
+                        child.kill()  # an out-of-memory kill, as the kernel would do it
+                        kills += 1
+                time.sleep(1)
+            time.sleep(0.05)
+        assert _scalar(site, "SELECT state FROM jobs WHERE path = 'victim.png'") == "quarantined"
+        _drop(site, "good.png")
+        _wait(lambda: "good.v1.png" in site.outputs(), what="the good file")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert kills >= 2
+    listing = site.json(capsys, "quarantine", "list")
+    assert [entry["path"] for entry in listing] == ["victim.png"]
+    assert "killed its worker 2 times" in listing[0]["reason"]
+    with site.db() as db:
+        died = db.execute("SELECT COUNT(*) FROM runs WHERE status = 'died'").fetchone()[0]
+    assert died == 2
+
+
+def _scalar(site: Site, sql: str):
+    if not (site.state / "scanrestore.db").exists():
+        return None
+    with site.db() as db:
+        try:
+            row = db.execute(sql).fetchone()
+        except sqlite3.OperationalError:
+            return None
+    return None if row is None else row[0]
