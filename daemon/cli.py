@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # its job bookkeeping is noise
     try:
         config = load_config(args.config)
         return int(args.handler(args, config))
