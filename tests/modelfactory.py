@@ -16,7 +16,9 @@ import torch
 
 __all__ = [
     "nearest_compact",
+    "random_gfpgan",
     "random_parsenet",
+    "random_restoreformer",
     "random_retinaface",
     "tiny_compact",
     "tiny_dncnn",
@@ -135,3 +137,49 @@ def random_parsenet(path: Path | str, *, seed: int = 0) -> Path:
     with _seeded(seed):
         model = ParseNet(in_size=512, out_size=512, parsing_ch=19)
     return _save(path, model.state_dict())
+
+
+def random_gfpgan(path: Path | str, *, seed: int = 0) -> Path:
+    """GFPGAN v1.3/v1.4's "clean" architecture at its one real size (~350 MB: spandrel builds
+    it with fixed hyperparameters), saved under `params_ema` as upstream's release files are."""
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    with _seeded(seed):
+        model = GFPGAN(
+            out_size=512,
+            num_style_feat=512,
+            channel_multiplier=2,
+            num_mlp=8,
+            input_is_latent=True,
+            different_w=True,
+            narrow=1,
+            sft_half=True,
+        )
+    return _save(path, {"params_ema": model.state_dict()})
+
+
+def random_restoreformer(
+    path: Path | str,
+    *,
+    ch: int = 32,
+    n_embed: int = 32,
+    embed_dim: int = 16,
+    z_channels: int = 32,
+    seed: int = 0,
+) -> Path:
+    """RestoreFormer with narrow channels (spandrel reads the widths from the weights; the six
+    levels stay, so attention runs at 16 px as in the real model), saved under `params_ema`.
+    The released model has ch=64, ch_mult=(1, 2, 2, 4, 4, 8), two residual blocks a level,
+    n_embed=1024, embed_dim=256 and z_channels=256."""
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    with _seeded(seed):
+        model = RestoreFormer(
+            n_embed=n_embed,
+            embed_dim=embed_dim,
+            ch=ch,
+            ch_mult=(1, 1, 1, 1, 1, 1),
+            num_res_blocks=1,
+            z_channels=z_channels,
+        )
+    return _save(path, {"params_ema": model.state_dict()})
