@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from modelfactory import tiny_compact, tiny_dncnn
+from modelfactory import random_restoreformer, random_retinaface, tiny_compact, tiny_dncnn
 
 from pipeline.image import Image, Metadata
 from pipeline.models import ModelStore
 from pipeline.stage import Stage, StageContext
 from pipeline.stages import STAGES
 from pipeline.stages.denoise import DenoiseOptions, DenoiseStage
+from pipeline.stages.face import FaceOptions, FaceStage
 from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
 
 # Each factory builds a stage that needs no download: tiny models of the real architectures.
@@ -25,6 +26,19 @@ FACTORIES: dict[str, list[Callable[[Path], Stage]]] = {
         lambda tmp: DenoiseStage(
             DenoiseOptions(
                 method="dncnn", model=str(tiny_dncnn(tmp / "d.pth")), strength=0.5, tile=32
+            )
+        ),
+    ],
+    # A random detector at confidence 0 reports faces even in noise: one is restored and pasted.
+    "face": [
+        lambda tmp: FaceStage(
+            FaceOptions(
+                model=str(random_restoreformer(tmp / "rf.pth")),
+                detector=str(random_retinaface(tmp / "det.pth")),
+                parser=None,
+                confidence=0.0,
+                min_face_px=0,
+                max_faces=1,
             )
         ),
     ],
