@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from daemon.config import Config, ConfigError, load_config, parse_config
+from daemon.config import PRESETS, Config, ConfigError, load_config, parse_config
 from pipeline.stages import STAGES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config.toml"
@@ -111,3 +111,43 @@ def test_config_is_frozen():
     config = Config()
     with pytest.raises(Exception, match="frozen"):
         config.processing.device = "cpu"  # type: ignore[misc]
+
+
+def test_shipped_presets_are_the_built_in_ones():
+    shipped = tomllib.loads(SHIPPED.read_text())["presets"]
+    assert {name: tuple(stages) for name, stages in shipped.items()} == PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_a_chain_in_a_sensible_order(name):
+    chain = Config().chain(name)
+    kinds = [stage.name for stage in chain.stages]
+    assert kinds[-1] == "upscale"
+    assert ("face" in kinds) == (name != "archival")  # archival generates no faces
+
+
+def test_an_unknown_preset_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "cfg.toml"
+    path.write_text("[pipeline]\npreset = 'museum'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: pipeline.preset: unknown preset 'museum' "
+        "(one of archival, creative, crisp, family)"
+    ]
+
+
+def test_a_mistake_in_a_preset_names_its_key_path(tmp_path):
+    path = tmp_path / "cfg.toml"
+    path.write_text("[[presets.mine]]\nkind = 'upscale'\n[[presets.mine]]\nkind = 'denoise'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: presets.mine[1].kind: 'denoise' after 'upscale' (stage 0): put 'denoise' "
+        "first; stages after an upscale would work on many more pixels and on invented detail"
+    ]
+
+
+def test_a_user_preset_is_selectable():
+    config = parse_config({"presets": {"quick": [{"kind": "upscale", "scale": 2}]}})
+    assert [s.options.scale for s in config.chain("quick").stages] == [2]
