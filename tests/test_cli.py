@@ -107,27 +107,23 @@ def test_config_errors_exit_2_with_one_line_per_problem(tmp_path, capsys):
     assert code == 2
     assert err == [
         f"error: {config}: processing.device: must be auto, cpu, mps, cuda or cuda:N",
-        f"error: {config}: pipeline.stages[0].kind: unknown stage 'blur' (one of denoise, upscale)",
+        f"error: {config}: pipeline.stages[0].kind: unknown stage 'blur' "
+        "(one of denoise, face, restore, upscale)",
     ]
 
 
-def test_a_missing_official_model_says_how_to_get_it(tmp_path, capsys, cache):
+def test_a_missing_model_stops_before_any_image_saying_how_to_get_it(tmp_path, capsys, cache):
     config = tmp_path / "offline.toml"
     config.write_text("[models]\nauto_fetch = false\n")
     photo = shared_file("corpus/metadata_edge_cases/exifsamples_Canon_40D.jpg")
-    code, records = run_json(
-        capsys,
-        "--config",
-        str(config),
-        "process",
-        str(photo),
-        "--out",
-        str(tmp_path / "o"),
-        "--json",
-    )
-    assert code == 1
-    assert "realesrgan-x4plus" in records[0]["error"]
-    assert "scanrestore models fetch" in records[0]["error"]
+    out = tmp_path / "o"
+    code = main(["--config", str(config), "process", str(photo), "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: pipeline.stages[0] (upscale): realesrgan-x4plus: weights are")
+    assert "scanrestore models fetch" in line
+    assert not out.exists()
 
 
 def test_models_import_list_and_verify(tmp_path, capsys, tiny_x4, cache):
@@ -268,19 +264,72 @@ def test_chain_option_takes_stage_options_from_the_config(tmp_path, capsys, tiny
         "--out",
         str(tmp_path / "o"),
         "--chain",
-        "upscale,denoise",
+        "upscale",
         "--model",
         str(tiny_x4),
         "--json",
     )
     stages = records[0]["stages"]
-    assert [s["stage"] for s in stages] == ["upscale", "denoise"]
-    assert stages[0]["params"]["scale"] == 2 and stages[1]["params"]["strength"] == 0.25
+    assert [s["stage"] for s in stages] == ["upscale"]  # only the kinds named, in that order
+    assert stages[0]["params"]["scale"] == 2  # with the config's options for that kind
+
+
+def test_chain_option_in_a_senseless_order_fails_before_any_image(tmp_path, capsys, cache):
+    out = tmp_path / "o"
+    code = main(["process", "x.png", "--out", str(out), "--chain", "upscale,denoise"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "--chain[1].kind: 'denoise' after 'upscale' (stage 0): put 'denoise' first" in err
 
 
 def test_chain_option_with_an_unknown_kind_fails_before_any_image(tmp_path, capsys, cache):
     code = main(["process", "x.png", "--out", str(tmp_path / "o"), "--chain", "denoise,sharpen"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "pipeline.stages[1].kind: unknown stage 'sharpen'" in err
+    assert "--chain[1].kind: unknown stage 'sharpen'" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_full_chain_runs_end_to_end_on_a_real_portrait(tmp_path, capsys, cache):
+    """denoise, restore, face, upscale through `process`: real DnCNN, real RetinaFace
+    mobilenet0.25 and real general-x4v3 weights; GFPGAN is randomly initialised (its real
+    weights cannot be had here), which proves the plumbing, not the looks."""
+    from modelfactory import random_gfpgan
+
+    from pipeline.image import decode
+
+    weights = SHARED / "weights"
+    gfpgan = random_gfpgan(tmp_path / "gfpgan-random.pth")
+    config = tmp_path / "chain.toml"
+    config.write_text(
+        "[models]\nauto_fetch = false\n"
+        "[[pipeline.stages]]\nkind = 'denoise'\nmethod = 'dncnn'\nstrength = 0.5\n"
+        f"model = '{shared_file('weights/dncnn_color_blind.pth')}'\n"
+        "[[pipeline.stages]]\nkind = 'restore'\n"
+        f"[[pipeline.stages]]\nkind = 'face'\nmodel = '{gfpgan}'\n"
+        f"detector = '{weights / 'detection_mobilenet0.25_Final.pth'}'\nparser = ''\n"
+        "fidelity = 0.5\n"
+        "[[pipeline.stages]]\nkind = 'upscale'\nscale = 2\n"
+        f"model = '{weights / 'realesr-general-x4v3.from-ncnn.pth'}'\n"
+    )
+    photo = shared_file("corpus/faces/whole_imgs/skimage_astronaut.png")
+    code, records = run_json(
+        capsys,
+        "--config",
+        str(config),
+        "process",
+        str(photo),
+        "--out",
+        str(tmp_path / "o"),
+        "--chain",
+        "denoise,restore,face,upscale",
+        "--json",
+    )
+    assert code == 0, records
+    stages = {stage["stage"]: stage for stage in records[0]["stages"]}
+    assert set(stages) == {"denoise", "restore", "face", "upscale"}
+    assert stages["face"]["params"]["faces"] and stages["face"]["skipped"] is None
+    assert stages["face"]["params"]["scale"] == [2.0, 2.0]  # pasted at the output resolution
+    out = decode(Path(records[0]["output"]))
+    assert (out.width, out.height) == (1024, 1024)
