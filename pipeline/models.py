@@ -58,7 +58,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-Purpose = Literal["upscale", "face", "detect", "parse", "denoise"]
+Purpose = Literal["upscale", "face", "detect", "parse", "denoise", "inpaint"]
 Loader = Literal["spandrel", "state_dict"]
 Origin = Literal["official", "custom", "file"]
 VerifyStatus = Literal["ok", "mismatch", "missing", "unpinned"]
@@ -77,6 +77,7 @@ _SPANDREL_PURPOSES: Mapping[str, Purpose] = {
     "SR": "upscale",
     "FaceSR": "face",
     "Restoration": "denoise",
+    "Inpainting": "inpaint",
 }
 
 
@@ -596,10 +597,13 @@ def _spandrel_descriptor(
         raise ArchitectureMismatchError(
             f"{what}: spandrel could not build the model: {exc}"
         ) from exc
-    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+    # Inpainting models (LaMa) take an image and a mask: the restore stage calls them.
+    if not isinstance(
+        descriptor, (spandrel.ImageModelDescriptor, spandrel.MaskedImageModelDescriptor)
+    ):
         raise ArchitectureMismatchError(
             f"{what}: {descriptor.architecture.id} is a {descriptor.purpose} model; "
-            "scanrestore only runs image-to-image models"
+            "scanrestore only runs image-to-image and inpainting models"
         )
     return descriptor
 

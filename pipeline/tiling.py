@@ -139,6 +139,11 @@ class Engine:
             model = model.to(memory_format=torch.channels_last)
         self._module = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
+        # Called the way spandrel calls it: some forwards are not image -> image (FBCNN also
+        # returns its quality estimate; FDnCNN/DRUNet take a noise-level map).
+        self._call_fn = getattr(descriptor, "_call_fn", None) or (
+            lambda module, image: module(image)
+        )
 
     @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
@@ -152,9 +157,9 @@ class Engine:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                y = self._module(x)
+                y = self._call_fn(self._module, x)
         else:
-            y = self._module(x)
+            y = self._call_fn(self._module, x)
         y = y[..., : height * self.scale, : width * self.scale]
         return y.float().clamp_(0, 1).cpu()
 
