@@ -17,11 +17,13 @@ import torch
 __all__ = [
     "nearest_compact",
     "random_gfpgan",
+    "random_lama",
     "random_parsenet",
     "random_restoreformer",
     "random_retinaface",
     "tiny_compact",
     "tiny_dncnn",
+    "tiny_fbcnn",
     "tiny_ffdnet",
     "tiny_rrdbnet",
 ]
@@ -183,3 +185,33 @@ def random_restoreformer(
             z_channels=z_channels,
         )
     return _save(path, {"params_ema": model.state_dict()})
+
+
+def tiny_fbcnn(path: Path | str, channels: int = 3, *, nc: int = 8, seed: int = 0) -> Path:
+    """A KAIR FBCNN (JPEG artefact removal) saved as a bare state dict, as its release is.
+
+    Narrow upper levels and two blocks per level (with one, KAIR's `sequential` unwraps the
+    block and spandrel no longer recognises the keys); the bottleneck stays at 512 channels
+    because FBCNN's quality-factor head is hard-wired to 512 features (~28 M parameters,
+    ~113 MB), so build it once per test session.
+    """
+    from spandrel.architectures.FBCNN import FBCNN
+
+    with _seeded(seed):
+        model = FBCNN(in_nc=channels, out_nc=channels, nc=[nc, 2 * nc, 4 * nc, 512], nb=2)
+    return _save(path, model.state_dict())
+
+
+def random_lama(path: Path | str, *, seed: int = 0) -> Path:
+    """LaMa (big-lama's generator) at its one size (~51 M parameters, ~205 MB): spandrel builds
+    it with fixed widths, so it cannot be made smaller; build it once per test session. Keys
+    are named `generator.model...`, as in LaMa's own training checkpoints."""
+    from spandrel.architectures.LaMa import LaMa
+
+    with _seeded(seed):
+        model = LaMa(in_nc=4, out_nc=3)
+    state = {
+        "generator." + key.removeprefix("model."): value
+        for key, value in model.state_dict().items()
+    }
+    return _save(path, state)

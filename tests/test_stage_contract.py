@@ -17,6 +17,7 @@ from pipeline.stage import Stage, StageContext
 from pipeline.stages import STAGES
 from pipeline.stages.denoise import DenoiseOptions, DenoiseStage
 from pipeline.stages.face import FaceOptions, FaceStage
+from pipeline.stages.restore import RestoreOptions, RestoreStage
 from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
 
 # Each factory builds a stage that needs no download: tiny models of the real architectures.
@@ -40,6 +41,13 @@ FACTORIES: dict[str, list[Callable[[Path], Stage]]] = {
                 min_face_px=0,
                 max_faces=1,
             )
+        ),
+    ],
+    # Defaults (colour and dust: noise has neither a cast nor defects), and an artefact model.
+    "restore": [
+        lambda tmp: RestoreStage(RestoreOptions()),
+        lambda tmp: RestoreStage(
+            RestoreOptions(artefact_model=str(tiny_dncnn(tmp / "r.pth")), tile=32, sensitivity=1)
         ),
     ],
     "upscale": [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.stage import Stage
 from pipeline.stages.denoise import DenoiseStage
 from pipeline.stages.face import FaceStage
+from pipeline.stages.restore import RestoreStage
 from pipeline.stages.upscale import UpscaleStage
 
 __all__ = ["STAGES", "register"]
@@ -22,4 +23,5 @@ def register(stage: type[Stage]) -> type[Stage]:
 
 register(DenoiseStage)
 register(FaceStage)
+register(RestoreStage)
 register(UpscaleStage)
