@@ -16,7 +16,7 @@ runs on the CPU) and SIGKILLs it at a seeded moment, one of KILL_MODES:
 - temp: when a `._*.tmp-*` file appears, once the round has finished 0-8 jobs;
 - publishing: when a publication plan is recorded (files about to be linked), likewise.
 
-A kill waiting for its moment happens anyway after 30 s. A final `watch --once` finishes the
+A kill waiting for its moment happens anyway after 60 s. A final `watch --once` finishes the
 batch. Then every count in CHECKS must be 0, else the exit status is 1; a table is printed and
 JSON written. Exits 2 where ../shared (the corpus) is absent.
 """
@@ -67,7 +67,7 @@ FORMATS = ((".png", 0.45), (".jpg", 0.35), (".tif", 0.20))
 TAG = "SCANRESTORE_BENCH_TAG"  # in the daemon's environment, so its orphans can be found
 TEMP_MARKER = ".tmp-"
 KILL_MODES = ("delay", "after-start", "ingest", "running", "temp", "publishing")
-TRIGGER_TIMEOUT = 30.0  # seconds after which a kill waiting for its moment happens anyway
+TRIGGER_TIMEOUT = 60.0  # seconds after which a kill waiting for its moment happens anyway
 ORPHAN_GRACE = 5.0  # seconds a killed daemon's children get to go
 
 
@@ -546,6 +546,7 @@ class Result:
     kills: list[dict[str, Any]]
     durations: dict[str, float]
     final_exit: int | None
+    recovery: dict[str, int]
     environment: dict[str, Any]
 
     @property
@@ -608,8 +609,22 @@ def crashloop(
         kills=[asdict(kill) for kill in kills],
         durations={name: round(value, 2) for name, value in durations.items()},
         final_exit=final_exit,
+        recovery=recovery_actions(log),
         environment=environment(),
     )
+
+
+def recovery_actions(log: Path) -> dict[str, int]:
+    """What the restarted daemons logged doing at start-up: publications finished from their
+    recorded plan, jobs of a dead daemon queued again, leftover temporary files removed."""
+    text = log.read_text(encoding="utf-8", errors="replace")
+    removed = re.findall(r" removed (\d+) leftover temporary files", text)
+    return {
+        "publications_finished": text.count(" recovered publication path="),
+        "jobs_requeued": len(re.findall(r" requeued path=.* after a crash", text)),
+        "temp_files_removed": sum(int(n) for n in removed),
+        "daemon_starts": text.count(" started input="),
+    }
 
 
 def _split(items: list[Scan], parts: int) -> list[list[Scan]]:
@@ -657,6 +672,10 @@ def print_result(result: Result) -> None:
         "a publication plan": sum(k["at_kill"]["publication_plans"] > 0 for k in result.kills),
     }
     print("\nkills that interrupted " + ", ".join(f"{k}: {v}" for k, v in interrupted.items()))
+    print(
+        "restarted daemons: "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.recovery.items())
+    )
     print(f"final `watch --once` exit status: {result.final_exit}")
     print(f"\n{'check':<22} {'count':>5}  what")
     for name, what in CHECKS:
