@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import random
 import re
@@ -76,6 +77,7 @@ TARGET_OVERHEAD_MS = 100.0
 class Sample:
     seconds: float  # since the spawn
     done: int
+    backlog: int  # jobs queued or running
     daemon_rss_mb: float
     children_rss_mb: float  # workers and the resource tracker together
     children: int
@@ -88,7 +90,7 @@ class Sample:
         return self.daemon_rss_mb + self.children_rss_mb
 
 
-def sample(proc: psutil.Process, seconds: float, done: int) -> Sample | None:
+def sample(proc: psutil.Process, seconds: float, done: int, backlog: int) -> Sample | None:
     """One look at the daemon and its children (None once the daemon is gone)."""
     try:
         with proc.oneshot():
@@ -103,7 +105,14 @@ def sample(proc: psutil.Process, seconds: float, done: int) -> Sample | None:
             child_rss += child.memory_info().rss
             child_fds += child.num_fds()
             alive += 1
-    return Sample(round(seconds, 2), done, rss / MB, child_rss / MB, alive, fds, child_fds, threads)
+    return Sample(
+        round(seconds, 2), done, backlog, rss / MB, child_rss / MB, alive, fds, child_fds, threads
+    )
+
+
+def _backlog(site: Site) -> int:
+    rows = query(site.db, "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
+    return rows[0][0] if rows else 0
 
 
 def _done(site: Site) -> int:
@@ -154,7 +163,7 @@ def soak(
                 bursts.append({"at_seconds": round(now, 2), "files": len(parts.pop(0))})
             if now >= next_sample:
                 done = _done(site)
-                if (taken := sample(proc, now, done)) is not None:
+                if (taken := sample(proc, now, done, _backlog(site))) is not None:
                     samples.append(taken)
                 with contextlib.suppress(psutil.Error):
                     pids |= {child.pid for child in proc.children(recursive=True)}
@@ -326,6 +335,18 @@ def memory(samples: list[Sample], files: int) -> dict[str, Any]:
     return summary
 
 
+def backlogged_rate(samples: list[Sample]) -> float | None:
+    """Files per second over the sampling intervals that began and ended with jobs waiting or
+    running, once the workers had published a first file: the daemon's throughput when it is
+    never short of work."""
+    files = seconds = 0.0
+    for a, b in itertools.pairwise(samples):
+        if a.done and a.backlog and b.backlog and b.seconds > a.seconds:
+            files += b.done - a.done
+            seconds += b.seconds - a.seconds
+    return round(files / seconds, 2) if seconds else None
+
+
 def slope(x: list[float], y: list[float]) -> float | None:
     """Least-squares slope of y on x (None with fewer than three distinct x)."""
     if len(set(x)) < 3:
@@ -344,6 +365,7 @@ def report(result: dict[str, Any]) -> None:
     print(
         f"batch done after {result['batch_done_seconds']} s of {result['seconds_limit']} s; "
         f"throughput {result['files_per_second']} files/s (first to last publication); "
+        f"{result['backlogged_files_per_second']} files/s while a backlog waited; "
         f"peak {result['peak_files_per_second']} files/s over one sample"
     )
     print(
@@ -430,7 +452,7 @@ def run(root: Path, args: argparse.Namespace, command: str) -> dict[str, Any]:
         rate = round(len(published) / (published[-1] - published[0]).total_seconds(), 2)
     rates = [
         (b.done - a.done) / (b.seconds - a.seconds)
-        for a, b in zip(outcome.samples, outcome.samples[1:], strict=False)
+        for a, b in itertools.pairwise(outcome.samples)
         if b.seconds > a.seconds
     ]
     return {
@@ -443,6 +465,7 @@ def run(root: Path, args: argparse.Namespace, command: str) -> dict[str, Any]:
         "trickle": outcome.trickle,
         "batch_done_seconds": outcome.batch_done_at,
         "files_per_second": rate,
+        "backlogged_files_per_second": backlogged_rate(outcome.samples),
         "peak_files_per_second": round(max(rates), 2) if rates else None,
         "memory": memory(outcome.samples, args.files),
         "overhead": table,
