@@ -5,6 +5,10 @@
 
 - denoise: every PolyU real high-ISO pair (noisy `*_real`, clean `*_mean`), PSNR and SSIM of the
   noisy input and of each method's output against the clean image.
+- restore: seeded synthetic scratches, specks and grain drawn on Set5/Set14 ground truth; PSNR
+  in the damaged region, outside it and whole, before and after the stage's defaults; detection
+  recall/precision of its mask; how much the defaults move clean images (noise-free, and with
+  grain only).
 - upscale: Set5, Set14 and City100 (NikonD5500 real pairs) low-res inputs through bicubic,
   Lanczos and each 4x model: PSNR and SSIM on the BT.601 Y channel with 4 px shaved, and
   sharpness (mean gradient magnitude relative to the high-res image's).
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +44,7 @@ from pipeline.image import Image, decode  # noqa: E402
 from pipeline.models import ModelStore, sha256_file  # noqa: E402
 from pipeline.stage import StageContext, StageResult  # noqa: E402
 from pipeline.stages.denoise import DenoiseOptions, DenoiseStage  # noqa: E402
+from pipeline.stages.restore import RestoreOptions, RestoreStage  # noqa: E402
 from pipeline.stages.upscale import UpscaleOptions, UpscaleStage  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -61,6 +67,13 @@ UPSCALE_MODELS = {
 CITY100_RATIOS = np.round(np.arange(2.0, 4.51, 0.1), 1)
 SHEET_CELL = 160  # contact-sheet crop size in pixels (at the high-res / output scale)
 SHEET_UPSCALE = ("Set14/comic", "City100/001")  # the upscale rows of the sheet, where run
+SHEET_RESTORE = ("Set5/bird", "Set14/lenna")
+# Synthetic print damage: film grain over the whole scan (so that "outside the damage" has a
+# finite PSNR before restoring too), and a pixel counts as damaged where the drawn defects moved
+# it by more than VISIBLE.
+GRAIN_SIGMA = 2 / 255
+VISIBLE = 2 / 255
+REGION_PX = 2  # the damaged region is the damage dilated by this many pixels
 
 
 @dataclass(frozen=True)
@@ -73,11 +86,18 @@ class Plan:
     sr_lr_crop: int | None = None  # centre crop of each Set5/Set14 low-res input
     city_pairs: int = 10
     city_crop: int = 480  # centre crop of each City100 pair, at the high-res size
+    restore_crop: int | None = None  # centre crop of each Set5/Set14 image for restore
 
 
 FULL = Plan()
 QUICK = Plan(
-    denoise_pairs=1, denoise_crop=192, sr_images=1, sr_lr_crop=48, city_pairs=1, city_crop=192
+    denoise_pairs=1,
+    denoise_crop=192,
+    sr_images=1,
+    sr_lr_crop=48,
+    city_pairs=1,
+    city_crop=192,
+    restore_crop=192,
 )
 
 
@@ -340,6 +360,309 @@ def print_denoise(section: dict[str, Any]) -> None:
     for name, scores in summary.items():
         gain = scores["psnr"] - summary["noisy"]["psnr"]
         print(f"{name:<24}{scores['psnr']:>9.2f}{gain:>+9.2f}{scores['ssim']:>8.4f}")
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A clean image with seeded synthetic print damage drawn on it."""
+
+    pixels: np.ndarray  # clean + defects + grain
+    grainy: np.ndarray  # clean + the same grain, no defects
+    mask: np.ndarray  # bool (H, W): pixels the defects moved by more than VISIBLE
+    scratched: np.ndarray  # bool (H, W): the part of `mask` owed mostly to scratches
+    scratches: int
+    spots: int
+
+
+def _scratch(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Opacity (H, W) of a hairline scratch 1-3 px wide: a quadratic Bezier, straight to curved,
+    anti-aliased and slightly softened like a scanned one."""
+    h, w = shape
+    length = rng.uniform(0.15, 0.6) * min(h, w)
+    angle = rng.uniform(0, np.pi)
+    start = np.array([rng.uniform(0, w), rng.uniform(0, h)])
+    end = start + length * np.array([np.cos(angle), np.sin(angle)])
+    bend = rng.uniform(-0.25, 0.25) * length * np.array([-np.sin(angle), np.cos(angle)])
+    t = np.linspace(0, 1, 64)[:, None]
+    points = (1 - t) ** 2 * start + 2 * (1 - t) * t * ((start + end) / 2 + bend) + t**2 * end
+    canvas = np.zeros(shape, np.float32)
+    width = int(rng.integers(1, 4))
+    curve = np.rint(points * 16).astype(np.int32)  # 4 fractional bits (shift=4)
+    cv2.polylines(canvas, [curve], False, 1.0, width, cv2.LINE_AA, shift=4)
+    return cv2.GaussianBlur(canvas, (0, 0), 0.5)
+
+
+def _spot(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Opacity (H, W) of a dust speck of radius 2-6 px, elongated up to 2:1, soft-edged."""
+    h, w = shape
+    radius = rng.uniform(2, 6)
+    centre = np.rint(np.array([rng.uniform(0, w), rng.uniform(0, h)]) * 16).astype(int)
+    axes = np.rint(np.array([radius, radius * rng.uniform(0.5, 1.0)]) * 16).astype(int)
+    canvas = np.zeros(shape, np.float32)
+    angle = rng.uniform(0, 180)
+    cv2.ellipse(canvas, tuple(centre), tuple(axes), angle, 0, 360, 1.0, -1, cv2.LINE_AA, 4)
+    return cv2.GaussianBlur(canvas, (0, 0), radius / 4)
+
+
+def damage(clean: np.ndarray, seed: int) -> Damage:
+    """Draw bright and dark scratches and specks (their number grows with the area), then add
+    grain. The same seed always draws the same damage."""
+    rng = np.random.default_rng(seed)
+    h, w = clean.shape[:2]
+    scratches, spots = 1 + round(h * w / 80_000), 3 + round(h * w / 15_000)
+    opacities = [_scratch((h, w), rng) for _ in range(scratches)]
+    opacities += [_spot((h, w), rng) for _ in range(spots)]
+    damaged = clean.astype(np.float32)
+    strongest = np.zeros((2, h, w), np.float32)  # the largest opacity of a scratch, of a speck
+    for index, opacity in enumerate(opacities):
+        tone = rng.uniform(0.85, 1.0) if rng.random() < 0.5 else rng.uniform(0.0, 0.15)
+        alpha = opacity * rng.uniform(0.6, 1.0)
+        damaged = damaged * (1 - alpha[..., None]) + tone * alpha[..., None]
+        kind = strongest[int(index >= scratches)]
+        np.maximum(kind, alpha, out=kind)
+    mask = np.max(np.abs(damaged - clean), axis=2) > VISIBLE
+    grain = rng.normal(0, GRAIN_SIGMA, clean.shape).astype(np.float32)
+    return Damage(
+        pixels=np.clip(damaged + grain, 0, 1),
+        grainy=np.clip(clean + grain, 0, 1),
+        mask=mask,
+        scratched=mask & (strongest[0] >= strongest[1]),
+        scratches=scratches,
+        spots=spots,
+    )
+
+
+def restore_cases(run: Run) -> list[tuple[str, Image]]:
+    cases = []
+    for folder in (SET5, SET14):
+        for path in sorted((folder / "HR").glob("*.png"))[: run.plan.sr_images]:
+            image = run.corpus.read(path)
+            pixels = centre_crop(image.pixels, run.plan.restore_crop)
+            cases.append((f"{folder.name}/{path.stem}", image.replace(pixels=pixels)))
+    return cases
+
+
+def bench_restore(run: Run) -> dict[str, Any]:
+    stage = RestoreStage(RestoreOptions())
+    cases = restore_cases(run)
+    shown = {_first_named(cases, prefix, SHEET_RESTORE) for prefix in ("Set5/", "Set14/")}
+    rows = [_restore_case(run, stage, name, image, name in shown) for name, image in cases]
+    crop = run.plan.restore_crop
+    return {
+        "options": stage.options.model_dump(),
+        "images": rows,
+        "crop": f"centre {crop}x{crop}" if crop else None,
+        "damage": (
+            "seeded per image (crc32 of its name): 1 + area/80000 hairline scratches (quadratic "
+            "Bezier, 1-3 px, anti-aliased, Gaussian sigma 0.5) and 3 + area/15000 specks "
+            "(ellipses of radius 2-6 px, soft edges), each bright (tone 0.85-1) or dark (0-0.15) "
+            f"at opacity 0.6-1; then Gaussian grain sigma {GRAIN_SIGMA * 255:g}/255 everywhere"
+        ),
+        "definitions": RESTORE_DEFINITIONS,
+        "summary": summarise_restore(rows),
+    }
+
+
+RESTORE_DEFINITIONS = {
+    "damage": f"pixels the drawn defects moved by more than {VISIBLE * 255:g}/255 in any channel",
+    "region": f"the damage dilated by {REGION_PX} px; outside: every other pixel",
+    "psnr": "RGB PSNR after 8-bit rounding against the clean image (before: the damaged scan)",
+    "recall": "damage pixels inside the stage's mask / damage pixels",
+    "recall_scratches": "recall over the damage owed mostly to scratches (the rest: specks)",
+    "precision": "mask pixels inside the region / mask pixels (None where the mask is empty)",
+    "clean_psnr": "PSNR(restore(clean), clean) on the noise-free image; None: left identical",
+    "grain_change_db": (
+        "PSNR(clean + grain, clean) - PSNR(restore(clean + grain), clean): how many dB restoring "
+        "costs a clean scan that has grain but no defects (positive: restoring made it worse)"
+    ),
+    "outside_drop_db": "PSNR outside the region before restoring minus after",
+}
+
+
+def _first_named(cases: list[tuple[str, Image]], prefix: str, named: Iterable[str]) -> str | None:
+    names = [name for name, _ in cases if name.startswith(prefix)]
+    chosen = [name for name in names if name in named]
+    return (chosen or names or [None])[0]
+
+
+def _restore_case(
+    run: Run, stage: RestoreStage, name: str, image: Image, on_sheet: bool
+) -> dict[str, Any]:
+    clean = image.pixels
+    hurt = damage(clean, zlib.crc32(name.encode()))
+    started = time.perf_counter()
+    result = stage.run(image.replace(pixels=hurt.pixels), run.ctx)
+    seconds = time.perf_counter() - started
+    restored = result.image.pixels
+    found = np.zeros(clean.shape[:2], bool) if result.mask is None else result.mask > 0
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * REGION_PX + 1,) * 2)
+    region = cv2.dilate(hurt.mask.astype(np.uint8), kernel).astype(bool)
+    row: dict[str, Any] = {
+        "image": name,
+        "size": [image.width, image.height],
+        "scratches": hurt.scratches,
+        "spots": hurt.spots,
+        "damaged_fraction": float(hurt.mask.mean()),
+        "parts": list(result.params.get("parts", [])),
+        "seconds": seconds,
+        **_before_after("region", hurt.pixels, restored, clean, region),
+        **_before_after("outside", hurt.pixels, restored, clean, ~region),
+        **_before_after("whole", hurt.pixels, restored, clean, None),
+        "recall": _recall(found, hurt.mask),
+        "recall_scratches": _recall(found, hurt.scratched),
+        "recall_specks": _recall(found, hurt.mask & ~hurt.scratched),
+        "precision": float(np.mean(region[found])) if found.any() else None,
+        **_clean_change(run, stage, image, hurt.grainy),
+    }
+    row["region_gain_db"] = _minus(row["region_after_db"], row["region_before_db"])
+    row["outside_drop_db"] = _minus(row["outside_before_db"], row["outside_after_db"])
+    if on_sheet:
+        run.sheet.append(_restore_sheet_row(row, hurt, restored, found, clean))
+    print(f"  restore {name}", file=sys.stderr)
+    return row
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float | None:
+    return float(np.mean(found[truth])) if truth.any() else None
+
+
+def _before_after(
+    key: str, before: np.ndarray, after: np.ndarray, clean: np.ndarray, where: np.ndarray | None
+) -> dict[str, float | None]:
+    return {
+        f"{key}_before_db": psnr(before, clean, where),
+        f"{key}_after_db": psnr(after, clean, where),
+    }
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _clean_change(
+    run: Run, stage: RestoreStage, image: Image, grainy: np.ndarray
+) -> dict[str, Any]:
+    """Restore the noise-free image and the grainy one: how much do defaults move clean scans?"""
+    clean = image.pixels
+    restored = stage.run(image, run.ctx)
+    grain_before = psnr(grainy, clean)
+    grain_after = psnr(stage.run(image.replace(pixels=grainy), run.ctx).image.pixels, clean)
+    changed = np.any(np.rint(restored.image.pixels * 255) != np.rint(clean * 255), axis=2)
+    return {
+        "clean_psnr": psnr(restored.image.pixels, clean),
+        "clean_changed_fraction": float(changed.mean()),
+        "clean_parts": list(restored.params.get("parts", [])),
+        "grain_before_db": grain_before,
+        "grain_after_db": grain_after,
+        "grain_change_db": _minus(grain_before, grain_after),
+    }
+
+
+def summarise_restore(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over images, and the worst image for each acceptance number."""
+
+    def values(key: str) -> list[float]:
+        return [row[key] for row in rows if row[key] is not None]
+
+    keys = [
+        "region_before_db",
+        "region_after_db",
+        "region_gain_db",
+        "outside_before_db",
+        "outside_after_db",
+        "outside_drop_db",
+        "whole_before_db",
+        "whole_after_db",
+        "recall",
+        "recall_scratches",
+        "recall_specks",
+        "precision",
+        "clean_psnr",
+        "grain_before_db",
+        "grain_after_db",
+        "grain_change_db",
+        "seconds",
+    ]
+    summary: dict[str, Any] = {
+        f"mean_{key}": float(np.mean(values(key))) if values(key) else None for key in keys
+    }
+    summary.update(
+        worst_region_gain_db=min(values("region_gain_db"), default=None),
+        worst_outside_drop_db=max(values("outside_drop_db"), default=None),
+        worst_clean_psnr=min(values("clean_psnr"), default=None),
+        clean_identical=sum(row["clean_psnr"] is None for row in rows),
+        worst_grain_change_db=max(values("grain_change_db"), default=None),
+    )
+    return summary
+
+
+def _restore_sheet_row(
+    row: dict, hurt: Damage, restored: np.ndarray, found: np.ndarray, clean: np.ndarray
+) -> SheetRow:
+    corner = busiest_window(hurt.mask.astype(np.float64), SHEET_CELL)
+    cells = [
+        (f"damaged {_fmt(row['region_before_db'], 1)} dB", crop_at(hurt.pixels, corner)),
+        (f"restored {_fmt(row['region_after_db'], 1)} dB", crop_at(restored, corner)),
+        ("stage's mask", crop_at(found[..., None].astype(np.float32), corner)),
+        ("true damage", crop_at(hurt.mask[..., None].astype(np.float32), corner)),
+        ("clean", crop_at(clean, corner)),
+    ]
+    return SheetRow(f"restore (defaults): {row['image']}, synthetic damage (PSNR in region)", cells)
+
+
+def print_restore(section: dict[str, Any]) -> None:
+    rows, summary = section["images"], section["summary"]
+    print(
+        f"\nrestore (defaults: {', '.join(p for p in ('colour', 'dust') if section['options'][p])})"
+        f", Set5+Set14, {len(rows)} images, seeded synthetic scratches and specks + grain:"
+    )
+    print(
+        f"{'image':<18}{'region dB':>17}{'gain':>7}{'outside dB':>17}{'drop':>6}"
+        f"{'recall':>7}{'prec':>6}{'clean dB':>9}{'grain dB':>16}{'chg':>6}"
+    )
+    for row in [*rows, {"image": "mean", **_means_as_row(summary)}]:
+        print(
+            f"{row['image']:<18}{_arrow(row, 'region')}{_fmt(row['region_gain_db']):>7}"
+            f"{_arrow(row, 'outside')}{_fmt(row['outside_drop_db']):>6}"
+            f"{_share(row['recall']):>7}{_share(row['precision']):>6}"
+            f"{_fmt(row['clean_psnr']):>9}"
+            f"{_arrow(row, 'grain')}{_fmt(row['grain_change_db']):>6}"
+        )
+    print(
+        f"worst: region gain {_fmt(summary['worst_region_gain_db'])} dB, outside drop "
+        f"{_fmt(summary['worst_outside_drop_db'])} dB, clean {_fmt(summary['worst_clean_psnr'])}"
+        f" dB ({summary['clean_identical']} left identical), grain change "
+        f"{_fmt(summary['worst_grain_change_db'])} dB"
+    )
+    print(
+        f"mean recall over scratches {_share(summary['mean_recall_scratches'])}, over specks "
+        f"{_share(summary['mean_recall_specks'])}; seconds per damaged image "
+        f"{summary['mean_seconds']:.2f}"
+    )
+    print(
+        "region: damage dilated 2 px; clean dB: PSNR(restore(clean), clean), inf = untouched;"
+        " grain: a clean scan with grain only, PSNR vs clean before -> after, chg = dB lost by"
+        " restoring; prec - : empty mask"
+    )
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _arrow(row: dict, key: str) -> str:
+    return f"{_fmt(row[f'{key}_before_db']):>8} ->{_fmt(row[f'{key}_after_db']):>6}"
+
+
+def _means_as_row(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key.removeprefix("mean_"): value
+        for key, value in summary.items()
+        if key.startswith("mean_")
+    }
 
 
 # --- upscale ---------------------------------------------------------------------------------
@@ -644,6 +967,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 RUNNERS: dict[str, tuple[Callable[[Run], dict], Callable[[dict], None]]] = {
     "denoise": (bench_denoise, print_denoise),
+    "restore": (bench_restore, print_restore),
     "upscale": (bench_upscale, print_upscale),
 }
 

@@ -189,3 +189,52 @@ def test_quick_upscale_run_writes_per_image_and_mean_scores_with_provenance(tmp_
     image = quality.cv2.imread(str(sheet))
     assert image.shape[1] > 4 * quality.SHEET_CELL and report["sheet"]["bytes"] < 2_000_000
     assert "upscale x4, Set14" in done.stdout
+
+
+def test_synthetic_damage_is_seeded_marks_what_it_changed_and_adds_only_grain_elsewhere():
+    clean = quality.cv2.GaussianBlur(photo(200, 240), (0, 0), 2.0)
+    first, again, other = (quality.damage(clean, seed) for seed in (7, 7, 8))
+    assert np.array_equal(first.pixels, again.pixels) and np.array_equal(first.mask, again.mask)
+    assert not np.array_equal(first.mask, other.mask)
+    assert first.scratches >= 1 and first.spots >= 3
+    assert first.scratched.any() and not np.any(first.scratched & ~first.mask)
+    assert 0.002 < first.mask.mean() < 0.2
+    grain = first.grainy - clean
+    assert abs(float(np.std(grain[~first.mask])) - quality.GRAIN_SIGMA) < 0.2 * quality.GRAIN_SIGMA
+    # Outside the damage only the grain differs; inside, the defects moved pixels visibly.
+    outside = ~first.mask
+    assert np.allclose(first.pixels[outside], first.grainy[outside], atol=quality.VISIBLE)
+    moved = np.max(np.abs(first.pixels - first.grainy), axis=2)[first.mask]
+    assert np.median(moved) > 0.1
+
+
+def test_quick_restore_run_reports_damage_clean_change_and_detection(tmp_path):
+    shared_file("corpus/sr_benchmark/Set14/HR")
+    out = tmp_path / "quality.json"
+    argv = [
+        "--quick",
+        "--sections",
+        "restore",
+        "--out",
+        str(out),
+        "--sheet",
+        str(tmp_path / "s.png"),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quality.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    section = json.loads(out.read_text())["restore"]
+    assert [row["image"].split("/")[0] for row in section["images"]] == ["Set5", "Set14"]
+    for row in section["images"]:
+        assert row["size"] == [192, 192] and row["damaged_fraction"] > 0
+        assert row["region_before_db"] < 30 < row["outside_before_db"]  # the damage is visible
+        assert row["grain_before_db"] == pytest.approx(42, abs=1)  # grain sigma 2/255
+        assert 0 <= row["recall"] <= 1 and 0 <= row["recall_scratches"] <= 1
+        assert row["clean_psnr"] is None or row["clean_psnr"] > 0
+    assert set(section["definitions"]) >= {"region", "clean_psnr", "grain_change_db"}
+    assert section["summary"]["mean_region_before_db"] is not None
+    assert "restore (defaults" in done.stdout
