@@ -4,15 +4,38 @@ fsynced, then published under a version number that has never been used; never o
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_MARKER", "existing_versions", "fsync_dir", "publish_version"]
+__all__ = [
+    "TEMP_MARKER",
+    "existing_versions",
+    "fsync_dir",
+    "publish_version",
+    "temp_name",
+    "temp_prefix",
+]
 
 TEMP_MARKER = ".tmp-"  # temporary files are "._<name>.tmp-<random>"; watchers ignore them
+_NAME_MAX = 255  # bytes in one file name, on every filesystem we write to
+_LONG_STEM = _NAME_MAX - 40  # leaves room for "._", ".mask.png", the marker and the random part
+
+
+def temp_prefix(stem: str) -> str:
+    """How every temporary file of `stem` begins: "._<stem>.". A stem too long to take the
+    suffix and marker within 255 bytes is replaced by its hash: only final names carry it."""
+    if len(os.fsencode(stem)) > _LONG_STEM:
+        return f"._{hashlib.sha256(os.fsencode(stem)).hexdigest()[:32]}."
+    return f"._{stem}."
+
+
+def temp_name(stem: str, suffix: str) -> str:
+    """A fresh temporary file name for `<stem><suffix>` (suffix with its leading dot)."""
+    return f"{temp_prefix(stem)}{suffix.removeprefix('.')}{TEMP_MARKER}{secrets.token_hex(4)}"
 
 
 def existing_versions(directory: Path, stem: str) -> set[int]:
@@ -52,7 +75,7 @@ def publish_version(
     single daemon instance owns the output tree.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f"._{stem}{suffix}{TEMP_MARKER}{secrets.token_hex(4)}"
+    temp = directory / temp_name(stem, suffix)
     try:
         write(temp)
         with open(temp, "rb+") as handle:

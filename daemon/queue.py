@@ -269,7 +269,11 @@ class JobQueue:
     def claim(self, owner: str) -> Job | None:
         """Lease the job that has been due longest (queued, or failed and past its backoff),
         or None. Exclusive across connections and processes: BEGIN IMMEDIATE serialises
-        claims and the update re-checks the state."""
+        claims and the update re-checks the state.
+
+        A job due further ahead than any delay the queue sets (`backoff_max`) was scheduled
+        by a wall clock that has since been stepped back (a machine booted with a fast clock,
+        then corrected): it is due now, rather than waiting for the clock to catch up."""
         process = str(self._process or ProcessId.current())
         now = self._clock()
         with self.store.transaction():
@@ -279,7 +283,8 @@ class JobQueue:
                     "lease_id = ?, lease_owner = ?, lease_process = ?, lease_expires_at = ?, "
                     "lease_expires_mono = ?, heartbeat_at = ?, updated_at = ? "
                     "WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'failed') "
-                    "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1) "
+                    "AND (next_attempt_at <= ? OR next_attempt_at > ?) "
+                    "ORDER BY next_attempt_at, id LIMIT 1) "
                     "AND state IN ('queued', 'failed') RETURNING *",
                     (
                         secrets.token_hex(8),
@@ -290,6 +295,7 @@ class JobQueue:
                         timestamp(now),
                         timestamp(now),
                         timestamp(now),
+                        timestamp(now + timedelta(seconds=self.backoff_max + 1)),
                     ),
                 )
             )

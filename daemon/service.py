@@ -24,12 +24,28 @@ from typing import Any
 
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
-from daemon.outputs import TEMP_MARKER, existing_versions, fsync_dir
+from daemon.outputs import TEMP_MARKER, existing_versions, fsync_dir, temp_name, temp_prefix
 from daemon.queue import Job, JobQueue
 from daemon.schedule import ActiveHours, Schedules
-from daemon.store import OutputFile, Store, canonical_json, open_database, utc_now
+from daemon.store import (
+    OutputFile,
+    Store,
+    canonical_json,
+    db_path,
+    open_database,
+    path_from_db,
+    utc_now,
+)
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
-from daemon.worker import Outcome, Task, WorkerDied, WorkerPool, WorkerSettings, hash_file
+from daemon.worker import (
+    Outcome,
+    Task,
+    WorkerDied,
+    WorkerPool,
+    WorkerSettings,
+    hash_file,
+    not_the_files_fault,
+)
 from pipeline.chain import Chain
 
 __all__ = ["Daemon", "DaemonError", "LockHeldError", "code_version", "recipe_of", "state_dir"]
@@ -76,6 +92,22 @@ def recipe_of(config: Config, chain: Chain, preset: str | None) -> dict[str, Any
         "precision": config.processing.precision,
         "code_version": code_version(),
     }
+
+
+def _verify_models(config: Config, chain: Chain) -> None:
+    """Hash every model file the chain uses against the hash it must have, before any image
+    is taken: a tampered or truncated file stops the start (exit 78) rather than failing every
+    image one by one."""
+    store = model_store(config)
+    for _, ref in chain.models():
+        resolved = store.resolve(ref)
+        actual = hash_file(resolved.path)
+        if actual != resolved.sha256:
+            raise DaemonError(
+                f"model {resolved.id} ({resolved.path}): sha256 mismatch: expected "
+                f"{resolved.sha256}, got {actual}; the file was altered or cut short: fetch or "
+                "import it again"
+            )
 
 
 @contextlib.contextmanager
@@ -128,6 +160,8 @@ class Daemon:
         self._clock = clock
         self._stop = threading.Event()
         self._ready: threadqueue.SimpleQueue[ReadyFile | Refusal] = threadqueue.SimpleQueue()
+        self._live_watcher: Watcher | None = None
+        self._unreadable: dict[str, str] = {}  # path -> the error last recorded for it
         self._running: dict[int, _Running] = {}
         self._owner = f"{os.uname().nodename}:{os.getpid()}"
         self.store: Store | None = None
@@ -169,16 +203,18 @@ class Daemon:
         )
         chain = self.config.chain(self.preset)
         recipe = recipe_of(self.config, chain, self.preset)
+        _verify_models(self.config, chain)
         self.recipe_sha256 = self.store.record_recipe(recipe)
         self._recover()
         settings = WorkerSettings(
             self.config.model_dump(mode="json"),
             preset=self.preset,
+            models=recipe["models"],
             device=self.config.processing.device,
             threads=self.config.processing.threads,
         )
         pool = WorkerPool(settings, cfg.workers)
-        watcher = self._watcher()
+        watcher = self._live_watcher = self._watcher()
         schedules = self._schedules(watcher)
         log.info(
             "started input=%s output=%s recipe=%s workers=%d",
@@ -345,9 +381,15 @@ class Daemon:
         try:
             sha = _hash_regular(item.path)
         except OSError as exc:
-            log.warning("unreadable path=%s error=%s", safe_name(item.relative), exc)
-            self.store.record_event("unreadable", path=item.relative, detail={"error": str(exc)})
+            if self._unreadable.get(item.relative) != str(exc):  # once, not at every rescan
+                self._unreadable[item.relative] = str(exc)
+                log.warning("unreadable path=%s error=%s", safe_name(item.relative), exc)
+                detail = {"error": str(exc)}
+                self.store.record_event("unreadable", path=item.relative, detail=detail)
+            if self._live_watcher is not None:  # permissions get fixed: look again later
+                self._live_watcher.offer_again(item.relative)
             return
+        self._unreadable.pop(item.relative, None)
         modified = datetime.fromtimestamp(item.mtime_ns / 1e9).astimezone()
         self.store.record_observation(item.relative, sha, size=item.size, modified_at=modified)
         queued = self.queue.enqueue(item.relative, sha, self.recipe_sha256)
@@ -475,16 +517,59 @@ class Daemon:
         )
 
     def _publish(self, job: Job, running: _Running, outcome: Outcome) -> None:
-        """Plan (recorded), link every file at one fresh version, then record the run."""
+        """Plan (recorded), link every file at one fresh version, then record the run. When
+        the filesystem fails on the way (disk full, permissions, a share gone) nothing of the
+        run is left published and the job is retried later: the image is not at fault."""
+        assert self.store is not None and self.queue is not None
+        plan: dict[str, Any] = {"files": [dict(item) for item in outcome.files]}
+        try:
+            job, plan = self._plan_and_link(job, running, outcome, plan)
+        except OSError as exc:
+            self._unpublish(job, running, outcome, plan, exc)
+            return
+        self._complete_publication(job, plan)
+        log.info(
+            "published path=%s version=%d output=%s seconds=%.2f",
+            safe_name(job.path),
+            plan["files"][0]["version"],
+            safe_name(plan["files"][0]["relative"]),
+            outcome.seconds,
+        )
+
+    def _unpublish(
+        self, job: Job, running: _Running, outcome: Outcome, plan: dict[str, Any], exc: OSError
+    ) -> None:
+        """Undo a publication the filesystem cut short: unlink the final names this run linked
+        (never recorded as outputs), drop its temporary files, and fail the job: retried
+        later, unless the cause is permanent (a name too long for a versioned output)."""
+        assert self.store is not None and self.queue is not None
+        for item in plan["files"]:
+            final, temp = Path(item.get("final", "")), Path(item["temp"])
+            with contextlib.suppress(OSError):
+                if "final" in item and os.path.samefile(final, temp):
+                    final.unlink()
+            temp.unlink(missing_ok=True)
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE jobs SET publishing = NULL WHERE id = ?", (job.id,))
+        error = f"{running.task.source}: publishing in {running.task.dest_dir} failed: {exc}"
+        log.error("failed path=%s error=%s", safe_name(job.path), _one_line(error))
+        self._record(job, running, "failed", error=error, outcome=outcome)
+        self.queue.fail(job, error, retryable=not_the_files_fault(exc))
+        self.failures += 1
+
+    def _plan_and_link(
+        self, job: Job, running: _Running, outcome: Outcome, plan: dict[str, Any]
+    ) -> tuple[Job, dict[str, Any]]:
+        """`plan` holds the files made so far, so that a failure can remove them."""
         assert self.store is not None and self.queue is not None
         task = running.task
         dest = Path(task.dest_dir)
         relative_dir = Path(job.path).parent
         number = self._next_version(dest, relative_dir, task.stem, outcome)
-        files = list(outcome.files)
+        files = plan["files"]
         if self.config.daemon.provenance_sidecar:
             files.append(self._provenance_sidecar(job, running, outcome, number))
-        plan = {
+        plan |= {
             "run_token": task.run_id,
             "started_at": running.started_at.isoformat(),
             "device": outcome.device,
@@ -505,14 +590,7 @@ class Daemon:
                 "UPDATE jobs SET publishing = ? WHERE id = ?", (canonical_json(plan), job.id)
             )
         _link_all(plan)
-        self._complete_publication(job, plan)
-        log.info(
-            "published path=%s version=%d output=%s seconds=%.2f",
-            safe_name(job.path),
-            number,
-            safe_name(plan["files"][0]["relative"]),
-            outcome.seconds,
-        )
+        return job, plan
 
     def _complete_publication(self, job: Job, plan: dict[str, Any]) -> None:
         assert self.store is not None and self.queue is not None
@@ -546,10 +624,11 @@ class Daemon:
         taken = existing_versions(dest, stem)
         prefix = str(relative_dir / f"{stem}.v")
         pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        stored = db_path(prefix)  # bytes (a BLOB, measured in bytes) for a name not UTF-8
         rows = self.store.conn.execute(
-            "SELECT path FROM outputs WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+            "SELECT path FROM outputs WHERE substr(path, 1, ?) = ?", (len(stored), stored)
         )
-        taken |= {int(m.group(1)) for (path,) in rows if (m := pattern.match(str(path)))}
+        taken |= {int(m.group(1)) for (p,) in rows if (m := pattern.match(path_from_db(p)))}
         number = max(taken, default=0) + 1
         suffixes = [item["suffix"] for item in outcome.files] + [".json"]
         while any((dest / f"{stem}.v{number}{suffix}").exists() for suffix in suffixes):
@@ -580,12 +659,16 @@ class Daemon:
             "started_at": running.started_at.isoformat(),
             "code_version": code_version(),
         }
-        temp = Path(task.dest_dir) / f"._{task.stem}.json{TEMP_MARKER}{secrets.token_hex(4)}"
+        temp = Path(task.dest_dir) / temp_name(task.stem, ".json")
         data = (json.dumps(document, indent=2, ensure_ascii=True) + "\n").encode()
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
         return {
             "kind": "provenance",
             "temp": str(temp),
@@ -700,7 +783,7 @@ def _remove_temps(event: Outcome | WorkerDied) -> None:
 def _remove_stem_temps(directory: Path, stem: str) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            if entry.name.startswith(f"._{stem}.") and TEMP_MARKER in entry.name:
+            if entry.name.startswith(temp_prefix(stem)) and TEMP_MARKER in entry.name:
                 Path(entry.path).unlink(missing_ok=True)
 
 

@@ -467,6 +467,7 @@ class Watcher:
         self._events_lock = threading.Lock()
         self._pending_files: set[str] = set()
         self._pending_dirs: set[str] = set()
+        self._offer_again: set[str] = set()
         self._rescan_requested = True  # the start-up scan
         self._next_rescan = float("-inf")
 
@@ -501,6 +502,12 @@ class Watcher:
         """Ask for a full rescan at the next step (thread-safe)."""
         with self._events_lock:
             self._rescan_requested = True
+
+    def offer_again(self, relative: str) -> None:
+        """Forget that `relative` was handed over, because its consumer could not take it (it
+        was unreadable, say): an event on it or the next rescan offers it again (thread-safe)."""
+        with self._events_lock:
+            self._offer_again.add(relative)
 
     def start(self) -> None:
         """Start watching: the loop thread runs the start-up scan, starts the observer (once the
@@ -553,6 +560,9 @@ class Watcher:
             with self._events_lock:
                 due = self._rescan_requested or self._clock() >= self._next_rescan
                 self._rescan_requested = False
+                again, self._offer_again = self._offer_again, set()
+            for path in again:
+                self._reported.pop(path, None)
             if due and not self._full_rescan():
                 return
             self._drain_events()

@@ -4,11 +4,11 @@ out-of-memory kill takes down only that child. The parent publishes what a child
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import multiprocessing
 import os
-import secrets
 import signal
 import time
 import traceback
@@ -20,12 +20,23 @@ from typing import Any
 
 import numpy as np
 
-from daemon.outputs import TEMP_MARKER
+from daemon.outputs import temp_name
 
-__all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings"]
+__all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings", "not_the_files_fault"]
 
 log = logging.getLogger("scanrestore.worker")
 _CHUNK = 1 << 20
+# OS errors that say something about the machine, not the image: worth another try later.
+_SYSTEM_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC", "EDQUOT", "EFBIG", "EACCES", "EPERM", "EROFS", "EIO", "ENOENT", "ESTALE",
+        "ENOTCONN", "ETIMEDOUT", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH",
+        "ECONNRESET", "ECONNABORTED", "EAGAIN", "EINTR", "ENOMEM", "EMFILE", "ENFILE", "EBUSY",
+        "ENODEV", "ENXIO",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class WorkerSettings:
     preset: str | None = None
     device: str = "auto"
     threads: int = 0
+    models: dict[str, str] = field(default_factory=dict)  # the recipe's model ref -> sha256
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,7 @@ class _Runner:
         self.chain = config.chain(settings.preset)
         self.store = model_store(config)
         self.device = settings.device
+        self.models = settings.models
 
     def run(self, task: Task) -> Outcome:
         from pipeline.errors import PipelineError
@@ -257,7 +270,7 @@ class _Runner:
         try:
             outcome = self._process(task, temps, started)
         except PipelineError as exc:
-            outcome = _failure(task, str(exc), exc, retryable=False, started=started)
+            outcome = _failure(task, str(exc), exc, not_the_files_fault(exc), started)
         except MemoryError as exc:
             outcome = _failure(task, f"{task.source}: out of memory", exc, True, started)
         except OSError as exc:  # disk full, permissions, a share gone: worth another try
@@ -265,9 +278,12 @@ class _Runner:
         except Exception as exc:  # a bug on one image must not take the worker down
             log.error("internal error on %r\n%s", task.source, traceback.format_exc())
             outcome = _failure(task, f"{task.source}: internal error: {exc!r}", exc, True, started)
+        if outcome.status == "error":
+            outcome = _unless_changed(task, outcome)
         if outcome.status != "ok":
             for temp in temps:
-                temp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a cleanup must never end the worker
+                    temp.unlink(missing_ok=True)
         return outcome
 
     def _process(self, task: Task, temps: list[Path], started: float) -> Outcome:
@@ -275,8 +291,9 @@ class _Runner:
         from pipeline.stage import StageContext
         from pipeline.stamp import stamp
 
-        if hash_file(task.source) != task.source_sha256:
-            return Outcome(task, "changed", error=f"{task.source}: changed since it was queued")
+        if (change := _source_change(task)) is not None:
+            return Outcome(task, "changed", error=f"{change} since it was queued")
+        self._check_models()
         image = imageio.decode(Path(task.source), max_pixels=self.config.image.max_pixels)
         dest = Path(task.dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
@@ -314,8 +331,8 @@ class _Runner:
         mask = _invented(result.masks, result.image.width, result.image.height)
         if task.mask and mask is not None:
             files.append(self._write(task, temps, "mask", ".mask.png", _mask_writer(mask)))
-        if hash_file(task.source) != task.source_sha256:
-            return Outcome(task, "changed", error=f"{task.source}: changed while processed")
+        if (change := _source_change(task)) is not None:
+            return Outcome(task, "changed", error=f"{change} while it was processed")
         return Outcome(
             task,
             "ok",
@@ -325,11 +342,25 @@ class _Runner:
             device=ctx.device,
         )
 
+    def _check_models(self) -> None:
+        """The models must still be those the recipe names: a weights file replaced since the
+        daemon started would make outputs that the provenance misdescribes. (A cached model's
+        bytes are checked against its hash again as it loads.)"""
+        from pipeline.errors import HashMismatchError
+
+        for _, ref in self.chain.models():
+            expected = self.models.get(ref)
+            actual = self.store.resolve(ref).sha256
+            if expected is not None and actual != expected:
+                raise HashMismatchError(
+                    f"model {ref} (changed since the daemon started)", expected, actual
+                )
+
     @staticmethod
     def _write(
         task: Task, temps: list[Path], kind: str, suffix: str, write: Callable[[Path], object]
     ) -> dict[str, Any]:
-        temp = Path(task.dest_dir) / f"._{task.stem}{suffix}{TEMP_MARKER}{secrets.token_hex(4)}"
+        temp = Path(task.dest_dir) / temp_name(task.stem, suffix)
         temps.append(temp)
         write(temp)
         with open(temp, "rb+") as handle:
@@ -343,6 +374,30 @@ class _Runner:
         }
 
 
+def _source_change(task: Task) -> str | None:
+    """What happened to the source if it no longer holds the queued bytes, else None. Any
+    other OSError (permission denied, a share gone) propagates: that is no change of content."""
+    try:
+        if hash_file(task.source) == task.source_sha256:
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{task.source}: gone (deleted or renamed)"
+    return f"{task.source}: changed"
+
+
+def _unless_changed(task: Task, failure: Outcome) -> Outcome:
+    """A failure on a source rewritten or removed meanwhile (a decoder reading a half-written
+    file, say) is no verdict on the file: the run is discarded, not counted against it."""
+    try:
+        change = _source_change(task)
+    except OSError:
+        return failure
+    if change is None:
+        return failure
+    error = f"{change} while it was processed ({failure.error})"
+    return Outcome(task, "changed", error=error, seconds=failure.seconds)
+
+
 def _failure(task: Task, message: str, exc: BaseException, retryable: bool, started: float):
     return Outcome(
         task,
@@ -352,6 +407,25 @@ def _failure(task: Task, message: str, exc: BaseException, retryable: bool, star
         retryable=retryable,
         seconds=time.perf_counter() - started,
     )
+
+
+def not_the_files_fault(exc: BaseException) -> bool:
+    """Whether another try may succeed: a model problem (tampered, missing) is not the image's
+    fault, nor is an error caused by the system (disk full, permission denied, a share gone).
+    A decoder's own OSError for damaged data ("image file is truncated", a seek to a bogus
+    offset) carries no errno or EINVAL, and a name too long for its output stays too long."""
+    from pipeline.errors import ModelError
+
+    if isinstance(exc, ModelError):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in _SYSTEM_ERRNOS:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _stage_line(record: dict[str, Any]) -> str:

@@ -928,6 +928,7 @@ _TYPE_SIZES.update({16: 8, 17: 8, 18: 8})  # BigTIFF's 64-bit integers and IFD o
 _SWAP_UNITS = {3: 2, 4: 4, 5: 4, 8: 2, 9: 4, 10: 4, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 _EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 34665, 34853, 40965
 _SUB_IFD_TAGS = {_EXIF_IFD, _GPS_IFD, _INTEROP_IFD}
+_MAX_IFD_ENTRIES = 65535  # the most a classic TIFF directory can hold
 # IFD0 tags of a TIFF source that are EXIF metadata rather than image structure or private blobs
 # (Photoshop layers, ImageJ data...). Only these enter the EXIF we carry to other formats.
 _TIFF_TAGS_FOR_EXIF = frozenset(
@@ -978,32 +979,48 @@ def _tiff_layout(buf: bytes | bytearray | mmap.mmap) -> _Layout:
 
 
 def _read_ifd(
-    buf, offset: int, layout: _Layout, *, follow: bool = True, depth: int = 0
+    buf,
+    offset: int,
+    layout: _Layout,
+    *,
+    follow: bool = True,
+    depth: int = 0,
+    seen: set[int] | None = None,
 ) -> tuple[list[_Entry], int]:
     """Read the directory at `offset`; return its entries and the offset of the next directory.
 
     With `follow`, Exif/GPS/Interop pointers are read into `children`. Structural damage raises
-    _ExifError; an entry whose value lies outside the data is kept with data None.
+    _ExifError; an entry whose value lies outside the data is kept with data None. A directory
+    reached twice is damage too: besides loops, pointers fanning out to one shared directory
+    would make the walk exponential (a few kilobytes of EXIF, billions of entries to read).
     """
     count_format, head, entry_size = ("Q", 8, 20) if layout.big else ("H", 2, 12)
     word = 8 if layout.big else 4
+    seen = set() if seen is None else seen
     if depth > 3:
         raise _ExifError("sub-directories nest too deeply (a loop?)")
+    if offset in seen:
+        raise _ExifError(f"directory at {offset} is reached twice (a loop?)")
+    seen.add(offset)
     if offset < 8 or offset + head > len(buf):
         raise _ExifError(f"directory offset {offset} lies outside the data")
     (count,) = struct.unpack_from(layout.order + count_format, buf, offset)
     table_end = offset + head + count * entry_size
     if table_end + word > len(buf):
         raise _ExifError(f"directory at {offset} with {count} entries runs past the data")
+    if count > _MAX_IFD_ENTRIES:  # only BigTIFF can declare more; each entry costs memory
+        raise _ExifError(f"directory at {offset} declares {count} entries")
     entries = [
-        _read_entry(buf, offset + head + index * entry_size, layout, follow, depth)
+        _read_entry(buf, offset + head + index * entry_size, layout, follow, depth, seen)
         for index in range(count)
     ]
     (next_ifd,) = struct.unpack_from(layout.order + ("Q" if layout.big else "I"), buf, table_end)
     return entries, next_ifd
 
 
-def _read_entry(buf, position: int, layout: _Layout, follow: bool, depth: int) -> _Entry:
+def _read_entry(
+    buf, position: int, layout: _Layout, follow: bool, depth: int, seen: set[int]
+) -> _Entry:
     order, word = layout.order, ("Q" if layout.big else "I")
     tag, kind, count = struct.unpack_from(order + ("HHQ" if layout.big else "HHI"), buf, position)
     value_field = position + (12 if layout.big else 8)
@@ -1021,7 +1038,7 @@ def _read_entry(buf, position: int, layout: _Layout, follow: bool, depth: int) -
     if follow and tag in _SUB_IFD_TAGS and count == 1 and kind in (4, 13, 16, 18):
         child = int.from_bytes(data, "little" if order == "<" else "big")
         if child:  # 0 is the placeholder a TIFF writer leaves before the sub-IFD is appended
-            children = tuple(_read_ifd(buf, child, layout, depth=depth + 1)[0])
+            children = tuple(_read_ifd(buf, child, layout, depth=depth + 1, seen=seen)[0])
     return _Entry(tag, kind, count, data, position, children)
 
 
