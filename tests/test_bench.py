@@ -238,3 +238,12 @@ def test_quick_restore_run_reports_damage_clean_change_and_detection(tmp_path):
     assert set(section["definitions"]) >= {"region", "clean_psnr", "grain_change_db"}
     assert section["summary"]["mean_region_before_db"] is not None
     assert "restore (defaults" in done.stdout
+
+
+def test_quality_exits_2_naming_the_folder_where_shared_is_absent(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "shared"
+    monkeypatch.setattr(quality, "SHARED", missing)
+    out = tmp_path / "quality.json"
+    assert quality.main(["--quick", "--out", str(out)]) == 2
+    assert f"{missing} is absent" in capsys.readouterr().err
+    assert not out.exists()
