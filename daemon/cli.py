@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from daemon.config import Config, ConfigError, load_config, model_store
+from daemon.logs import log_to_stderr
 from daemon.outputs import publish_version
 from pipeline import image as imageio
 from pipeline.chain import Chain, ChainConfigError, build_chain
@@ -32,11 +33,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # its job bookkeeping is noise
     try:
         config = load_config(args.config)

@@ -24,6 +24,7 @@ from typing import Any
 
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
+from daemon.logs import escape_controls
 from daemon.outputs import TEMP_MARKER, existing_versions, fsync_dir, temp_name, temp_prefix
 from daemon.queue import Job, JobQueue
 from daemon.schedule import ActiveHours, Schedules
@@ -141,6 +142,13 @@ class _Running:
 class Daemon:
     """Runs until `stop()` (or SIGTERM/SIGINT via `install_signal_handlers`)."""
 
+    # Seconds of ingest (hashing, recording, queueing) per round of the loop. A burst of
+    # thousands of files, or the start-up scan of a large tree, is then taken in slices: between
+    # them finished images are published, idle workers fed, leases renewed and `healthy()` kept
+    # true, where one unbounded drain left the workers idle and the watchdog starving for as
+    # long as the hashing took (0 still ingests one file a round).
+    ingest_seconds: float = 0.25
+
     def __init__(
         self,
         config: Config,
@@ -210,6 +218,7 @@ class Daemon:
             self.config.model_dump(mode="json"),
             preset=self.preset,
             models=recipe["models"],
+            log_level=logging.getLogger().getEffectiveLevel(),
             device=self.config.processing.device,
             threads=self.config.processing.threads,
         )
@@ -314,10 +323,10 @@ class Daemon:
             self._report_status()
             self._drain_ready()
             self._dispatch(pool)
-            for event in pool.poll(0.2):
+            for event in pool.poll(0.2 if self._ready.empty() else 0.0):
                 self._finish(event)
             self._heartbeat()
-            if self.once and not self._running and not self._claimable():
+            if self.once and not self._running and not self._claimable() and self._ready.empty():
                 break
 
     def _report_status(self) -> None:
@@ -360,6 +369,7 @@ class Daemon:
         return bool(counts.get("queued")) or (due is not None and due <= self._clock())
 
     def _drain_ready(self) -> None:
+        deadline = time.monotonic() + self.ingest_seconds
         while True:
             try:
                 item = self._ready.get_nowait()
@@ -369,6 +379,8 @@ class Daemon:
                 self._refuse(item)
             else:
                 self._ingest(item)
+            if time.monotonic() >= deadline:
+                return
 
     def _refuse(self, item: Refusal) -> None:
         assert self.store is not None
@@ -383,7 +395,9 @@ class Daemon:
         except OSError as exc:
             if self._unreadable.get(item.relative) != str(exc):  # once, not at every rescan
                 self._unreadable[item.relative] = str(exc)
-                log.warning("unreadable path=%s error=%s", safe_name(item.relative), exc)
+                log.warning(
+                    "unreadable path=%s error=%s", safe_name(item.relative), _one_line(str(exc))
+                )
                 detail = {"error": str(exc)}
                 self.store.record_event("unreadable", path=item.relative, detail=detail)
             if self._live_watcher is not None:  # permissions get fixed: look again later
@@ -799,4 +813,4 @@ def _remove_stray_temps(root: Path) -> int:
 
 
 def _one_line(text: str | None) -> str:
-    return (text or "").replace("\n", "\\n")
+    return escape_controls(text or "")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon.logs import log_to_stderr
 from daemon.outputs import temp_name
 
 __all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings", "not_the_files_fault"]
@@ -48,6 +49,7 @@ class WorkerSettings:
     device: str = "auto"
     threads: int = 0
     models: dict[str, str] = field(default_factory=dict)  # the recipe's model ref -> sha256
+    log_level: int = logging.WARNING
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,10 @@ def _die_with_parent(parent: int) -> None:
 
 def _child_main(conn: Connection, settings: WorkerSettings, parent: int) -> None:
     _die_with_parent(parent)
+    # A spawned child starts with no logging set up: records (a decoder's warning naming the
+    # file, tifffile's complaints, Pillow's warnings) would reach stderr bare and raw.
+    log_to_stderr(settings.log_level)
+    logging.captureWarnings(True)
     # The parent handles SIGINT/SIGTERM and tells children when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
