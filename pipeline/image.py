@@ -1173,7 +1173,15 @@ def _drop_thumbnail(buf: bytearray, layout: _Layout, pointer: int, ifd1: int) ->
         return buf  # unlinked is enough; nothing reads an orphaned directory
     values = {entry.tag: _entry_int(entry, layout.order) for entry in entries}
     start, length = values.get(513), values.get(514)  # JPEGInterchangeFormat(Length)
-    if start and length and start + length <= len(buf):
+    # Blank only what is a JPEG past the header: a damaged offset (say 1) would otherwise
+    # blank the header and IFD0, losing every tag of the photo in the output.
+    if (
+        start is not None
+        and length
+        and start >= 8
+        and start + length <= len(buf)
+        and buf[start : start + 2] == b"\xff\xd8"
+    ):
         if start + length == len(buf):
             del buf[start:]
         else:
