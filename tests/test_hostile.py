@@ -60,8 +60,9 @@ def png(width: int, height: int, rows: bytes = b"\0" * 8) -> bytes:
     )
 
 
-def tiff(width: int, height: int, data: bytes = b"\0" * 16) -> bytes:
-    """A little-endian greyscale TIFF, one uncompressed strip, declaring this size."""
+def tiff(width: int, height: int, data: bytes = b"\0" * 16, extra: tuple[tuple, ...] = ()) -> bytes:
+    """A little-endian greyscale TIFF, one uncompressed strip, declaring this size; `extra`
+    (tag, type, count, value) entries follow the image's own."""
     tags = [
         (256, 4, 1, width),  # ImageWidth
         (257, 4, 1, height),  # ImageLength
@@ -72,6 +73,7 @@ def tiff(width: int, height: int, data: bytes = b"\0" * 16) -> bytes:
         (277, 3, 1, 1),  # SamplesPerPixel
         (278, 4, 1, height),  # RowsPerStrip
         (279, 4, 1, len(data)),  # StripByteCounts
+        *extra,
     ]
     ifd_size = 2 + 12 * len(tags) + 4
     data_at = 8 + ifd_size
@@ -227,6 +229,13 @@ CASES = [
     Case(b"scan-\xff\xfe-latin1.png", photo_crop(1), "done", check=_same_size_times_two),
     Case(b"line\nbreak.png", photo_crop(2), "done", check=_same_size_times_two),
     Case(b"escape-\x1b[31mred\x07.png", photo_crop(3), "done", check=_same_size_times_two),
+    Case(b"damaged-\x1b[2J-\n.png", png(64, 64), "quarantined", "damaged"),  # logged as failed
+    Case(  # decodes, with a warning (its EXIF is not carried) that quotes the name
+        b"warned\nname.tif",
+        tiff(8, 8, bytes(range(64)), extra=((34665, 4, 1, 0x7FFFFFF0),)),
+        "done",
+        check=_same_size_times_two,
+    ),
     Case(b"-rf.png", photo_crop(4), "done", check=_same_size_times_two),
     Case(b"--help.png", photo_crop(5), "done", check=_same_size_times_two),
     Case(LONG + b".png", photo_crop(6), "done", check=_same_size_times_two),
@@ -358,8 +367,11 @@ def test_the_daemon_and_its_worker_stay_under_the_memory_bound(run):
 
 def test_log_lines_escape_control_characters_in_file_names(run):
     lines = run.log.splitlines()
-    assert not [line for line in lines if line.startswith("break.png")]  # after a raw newline
+    after_newline = ("break.png", "name.tif", ".png")  # what would follow a raw newline
+    assert not [line for line in lines if line.startswith(after_newline)]
+    assert re.search(r"warned\\nname\.tif: EXIF/GPS directory unreadable", run.log)
     assert "\x1b" not in run.log and "\x07" not in run.log
     assert re.search(r'path="line\\nbreak\.png"', run.log)
     assert re.search(r'path="escape-\\x1b\[31mred\\x07\.png"', run.log)
     assert re.search(r'path="scan-\\xff\\xfe-latin1\.png"', run.log)
+    assert re.search(r'failed path="damaged-\\x1b\[2J-\\n\.png" error=\S*damaged-\\x1b', run.log)
