@@ -388,3 +388,65 @@ def _scalar(site: Site, sql: str):
         except sqlite3.OperationalError:
             return None
     return None if row is None else row[0]
+
+
+def _burst(folder: Path, count: int) -> Path:
+    """`count` distinct 16 px PNGs in `folder` (made outside the watched tree)."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    tile = np.full((16, 16, 3), 90, np.uint8)
+    for index in range(count):
+        tile[0, 0] = (index % 256, index // 256, 7)
+        cv2.imwrite(str(folder / f"{index:04d}.png"), tile)
+    return folder
+
+
+def test_a_large_burst_is_taken_in_slices_while_finished_images_are_published(site):
+    """Ingest (hash, record, queue) used to drain every ready file in one go: a burst of
+    thousands, or the start-up scan of a large tree, left finished images unpublished, idle
+    workers unfed and `healthy()` false for as long as the hashing took."""
+    _drop(site, "first.png")
+    with open(site.root / "daemon.log", "wb") as log:  # thousands of lines: a pipe would fill
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(site.config), "-v", "watch"],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait(lambda: "first.v1.png" in site.outputs(), what="a warm worker")
+        # A whole folder lands at once, as a copied or moved album does.
+        _burst(site.root / "burst", 1500).rename(site.scans / "burst")
+        queued = "SELECT COUNT(*) FROM jobs WHERE path LIKE 'burst/%'"
+        _wait(lambda: _count(site, queued) == 1500, what="the burst queued")
+        published_meanwhile = _scalar(
+            site,
+            "SELECT COUNT(*) FROM runs WHERE status = 'done' AND path LIKE 'burst/%' AND "
+            "finished_at < (SELECT max(created_at) FROM jobs WHERE path LIKE 'burst/%')",
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    assert published_meanwhile > 0
+
+
+def test_once_taking_one_file_a_round_still_ingests_everything(site):
+    """With ingest sliced, `--once` must not stop while files wait to be ingested, even when a
+    round's files were all duplicates (nothing queued, nothing running)."""
+    from daemon.config import load_config
+    from daemon.service import Daemon
+
+    _drop(site, "a.png")
+    assert site.once() == 0
+    for index in range(3):
+        _drop(site, f"copies/a-{index}.png")  # the same bytes: linked, nothing to queue
+    _drop(site, "zz/new.png", f"{SET5}/head.png")
+    daemon = Daemon(load_config(site.config), once=True)
+    daemon.ingest_seconds = 0.0  # one file a round
+    assert daemon.run() == 0
+    assert "zz/new.v1.png" in site.outputs()
+    with site.db() as db:
+        duplicates = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'duplicate'").fetchone()
+    assert duplicates == (3,)
