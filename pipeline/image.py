@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -703,6 +703,40 @@ _TIFF_PHOTOMETRIC_NAMES = {
     34892: "linear raw",
 }
 _TIFF_SAMPLE_FORMATS = {2: "signed-integer", 3: "floating-point", 5: "complex", 6: "complex"}
+
+
+def _lzw_decode_checked(data: bytes, out: object = None, **options: object) -> object:
+    """imagecodecs.lzw_decode left to size its output itself. Given a size, as tifffile gives
+    it, imagecodecs 2026.3 writes past its buffer on some corrupt streams (a segfault, found
+    by bench/fuzz.py); unsized, it measures the stream first and raises on the corruption."""
+    if out is not None and not isinstance(out, int):
+        return imagecodecs.lzw_decode(data, out=out, **options)
+    decoded = imagecodecs.lzw_decode(data, **options)
+    return decoded if out is None or len(decoded) <= out else decoded[:out]
+
+
+class _CheckedDecompressors(Mapping[int, Callable[..., object]]):
+    """tifffile's table of decompressors, with LZW (5) through _lzw_decode_checked."""
+
+    def __init__(self, table: Mapping[int, Callable[..., object]]) -> None:
+        self._table = table
+
+    def __getitem__(self, key: int) -> Callable[..., object]:
+        return _lzw_decode_checked if key == 5 else self._table[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+# tifffile takes every page's decompressor from this one process-wide table: no per-call hook.
+if not isinstance(tifffile.TIFF.DECOMPRESSORS, _CheckedDecompressors):
+    tifffile.TIFF.DECOMPRESSORS = _CheckedDecompressors(tifffile.TIFF.DECOMPRESSORS)
 
 
 class _TiffSamples(NamedTuple):
