@@ -15,14 +15,16 @@ a range deleted or repeated. The property, the worker's own path without the mod
   exception is a finding;
 - a decoded image is stamped with provenance (pipeline.stamp) and encoded to its own format;
   that raises nothing but EncodeError, and our own output decodes again;
-- nothing hangs: an example running longer than `--hang-seconds` is written out as a finding
-  and the run stops.
+- nothing crashes or hangs: the batches run in a child process; a child killed by a signal
+  (a decoder's segfault) leaves its last input, saved as a finding, and a new child goes on
+  from the next batch seed; an example running past `--hang-seconds` is saved the same way.
 
 Hypothesis runs in batches of `--batch` examples, each batch from its own seed, until the time
 is up; a failing batch is shrunk to a minimal input, saved under bench/results/fuzz-findings/,
-and the run goes on. The JSON reports duration, examples, outcomes by kind and the findings.
-tests/test_fuzz.py runs the same strategies for a few hundred examples in CI. Exits 2 where
-../shared (the corpus) is absent.
+and the run goes on. The JSON reports duration, examples, outcomes by kind and the findings
+(examples of a batch a child died in are not counted). tests/test_fuzz.py runs the same
+strategies for 1500 examples in CI. Exits 1 with findings, 2 where ../shared (the corpus) is
+absent.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -59,6 +62,7 @@ from pipeline.image import FORMATS, decode, encode, suffix_for  # noqa: E402
 from pipeline.stamp import stamp  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
+FINDINGS = REPO / "bench" / "results" / "fuzz-findings"
 SEED_FOLDERS = ("metadata_edge_cases", "hostile_inputs")
 SEED_LIMIT = 100_000  # bytes: small seeds keep each example to milliseconds
 ENCODE_LIMIT = 1_000_000  # pixels: larger decoded images are not re-encoded (time)
@@ -375,7 +379,7 @@ def _run_batch(
     @given(mutated(seeds))
     def batch(case: tuple[str, bytes]) -> None:
         name, data = case
-        path = work / f"input{Path(name).suffix.lower()}"
+        path = work / f"input-{name}"  # named for its seed: a supervisor can say which crashed
         path.write_bytes(data)
         tally.current, tally.started = case, time.monotonic()
         try:
@@ -421,13 +425,16 @@ def _watch_for_hangs(tally: Tally, limit: float, findings_dir: Path, stop: threa
 
 def run(
     seconds: float,
+    work: Path,
     *,
     base_seed: int = 0,
     batch: int = 200,
     max_pixels: int = 16_000_000,
     hang_seconds: float = 60.0,
-    findings_dir: Path = REPO / "bench" / "results" / "fuzz-findings",
+    findings_dir: Path = FINDINGS,
 ) -> dict[str, Any]:
+    """Batches in this process until `seconds` have passed; after each batch the counts so far
+    are written to `work`/progress.json (all a supervisor has left if the process dies)."""
     seeds = load_seeds()
     tally = Tally()
     stop = threading.Event()
@@ -437,28 +444,99 @@ def run(
     watchdog.start()
     started, batches = time.monotonic(), 0
     try:
-        with tempfile.TemporaryDirectory(prefix="scanrestore-fuzz-") as work:
-            while time.monotonic() - started < seconds:
-                tally.last_failure = None
-                try:
-                    _run_batch(tally, seeds, base_seed + batches, batch, max_pixels, Path(work))
-                except Exception as exc:
-                    _record(tally, exc, findings_dir)
-                batches += 1
+        while time.monotonic() - started < seconds:
+            tally.last_failure = None
+            try:
+                _run_batch(tally, seeds, base_seed + batches, batch, max_pixels, work)
+            except Exception as exc:
+                _record(tally, exc, findings_dir)
+            batches += 1
+            (work / "progress.json").write_text(json.dumps(_counts(tally, batches)))
     finally:
         stop.set()
         watchdog.join()
     return {
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started, 1),
         "seeds": len(seeds),
+        **_counts(tally, batches),
+    }
+
+
+def _counts(tally: Tally, batches: int) -> dict[str, Any]:
+    return {
         "batches": batches,
         "examples": tally.examples,
         "outcomes": dict(tally.outcomes.most_common()),
         "findings": list(tally.findings.values()),
-        "max_pixels": max_pixels,
-        "base_seed": base_seed,
     }
+
+
+def supervise(
+    seconds: float,
+    *,
+    base_seed: int = 0,
+    batch: int = 200,
+    max_pixels: int = 16_000_000,
+    hang_seconds: float = 60.0,
+    findings_dir: Path = FINDINGS,
+) -> dict[str, Any]:
+    """`run` in child processes until `seconds` have passed. A child killed by a signal (a
+    decoder's segfault) leaves its last input behind: that is saved as a finding and a new
+    child goes on from the next batch seed; so does a child that stopped on a hang."""
+    started = time.monotonic()
+    totals: dict[str, Any] = {"batches": 0, "examples": 0, "outcomes": Counter(), "findings": []}
+    batch_seed, children = base_seed, 0
+    with tempfile.TemporaryDirectory(prefix="scanrestore-fuzz-") as state:
+        while (left := seconds - (time.monotonic() - started)) > 1:
+            work = Path(state) / f"child-{children}"
+            work.mkdir()
+            command = [sys.executable, __file__, "--child", str(work), f"--seconds={left:.1f}"]
+            command += [f"--seed={batch_seed}", f"--batch={batch}", f"--max-pixels={max_pixels}"]
+            command += [f"--hang-seconds={hang_seconds}", f"--findings={findings_dir}"]
+            child = subprocess.run(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            children += 1
+            progress = work / "progress.json"
+            done = json.loads(progress.read_text()) if progress.exists() else _counts(Tally(), 0)
+            totals["batches"] += done["batches"]
+            totals["examples"] += done["examples"]
+            totals["outcomes"].update(done["outcomes"])
+            totals["findings"] += done["findings"]
+            if child.returncode not in (0, 1):  # 1: findings, all in its progress
+                totals["findings"].append(_death(child, work, findings_dir))
+                totals["batches"] += 1  # the batch it died in
+            batch_seed = base_seed + totals["batches"]
+    return {
+        "seconds": round(time.monotonic() - started, 1),
+        "seeds": len(load_seeds()),
+        "children": children,
+        **totals,
+        "outcomes": dict(totals["outcomes"].most_common()),
+    }
+
+
+def _death(child: subprocess.CompletedProcess[str], work: Path, findings_dir: Path) -> dict:
+    """The finding for a child that died (a signal) or gave up on a hang (exit 3)."""
+    inputs = sorted(work.glob("input-*"), key=lambda p: p.stat().st_mtime_ns)
+    code = child.returncode
+    what = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    if code == 3:
+        what = "an example hung (see its saved input)"
+    finding = {"seed": None, "input": None, "detail": f"the fuzzing process died: {what}"}
+    if inputs:
+        data = inputs[-1].read_bytes()
+        findings_dir.mkdir(parents=True, exist_ok=True)
+        saved = findings_dir / f"crash-{hashlib.sha256(data).hexdigest()[:16]}"
+        saved = saved.with_suffix(Path(inputs[-1].name).suffix.lower())
+        saved.write_bytes(data)
+        finding |= {"seed": inputs[-1].name.removeprefix("input-"), "input": str(saved)}
+    finding["detail"] += "\n" + (child.stderr or "")[-2000:]
+    finding["times"] = 1
+    return finding
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,19 +547,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=16_000_000)
     parser.add_argument("--hang-seconds", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fuzz.json")
+    parser.add_argument("--findings", type=Path, default=FINDINGS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=Path, metavar="WORK", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)  # tifffile and the decoder log every input
     warnings.simplefilter("ignore")  # ... and Pillow warns
     if not load_seeds():
         print(f"no seeds: {CORPUS} is absent", file=sys.stderr)
         return 2
-    report = run(
-        args.seconds,
-        base_seed=args.seed,
-        batch=args.batch,
-        max_pixels=args.max_pixels,
-        hang_seconds=args.hang_seconds,
-    )
+    options = {
+        "base_seed": args.seed,
+        "batch": args.batch,
+        "max_pixels": args.max_pixels,
+        "hang_seconds": args.hang_seconds,
+        "findings_dir": args.findings,
+    }
+    if args.child is not None:  # one supervised child: its progress file is its report
+        return 1 if run(args.seconds, args.child, **options)["findings"] else 0
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    report = {"started_at": started_at, **supervise(args.seconds, **options)}
+    report |= {"max_pixels": args.max_pixels, "base_seed": args.seed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(
