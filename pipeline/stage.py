@@ -18,6 +18,16 @@ class StageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_tiling(tile: int, overlap: int | str) -> None:
+    """The tile and overlap rules every tiled stage shares (ValueError "key: reason")."""
+    if 0 < tile < 32:
+        raise ValueError("tile: must be 0 (whole image) or at least 32")
+    if isinstance(overlap, int) and overlap < 0:
+        raise ValueError('overlap: must be >= 0 or "auto"')
+    if tile and isinstance(overlap, int) and overlap > tile:
+        raise ValueError("overlap: must not exceed the tile")
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What a stage may use besides its image: no global config, no files of its own choosing."""

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from pipeline.errors import StageError
 from pipeline.image import Image
-from pipeline.stage import StageContext, StageOptions, StageResult
+from pipeline.stage import StageContext, StageOptions, StageResult, check_tiling
 from pipeline.stages.engines import EngineCache, registered_loader
 from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
@@ -38,8 +38,7 @@ class DenoiseOptions(StageOptions):
             raise ValueError('model: required when method is "model" (an id or a path)')
         if self.method == "nlm" and (self.model or self.grey_model):
             raise ValueError("model: nlm uses no weights; choose method dncnn or model")
-        if 0 < self.tile < 32:
-            raise ValueError("tile: must be 0 (whole image) or at least 32")
+        check_tiling(self.tile, self.overlap)
         return self
 
 

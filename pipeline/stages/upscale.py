@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from pipeline import resample
 from pipeline.errors import StageError
 from pipeline.image import Image
-from pipeline.stage import StageContext, StageOptions, StageResult
+from pipeline.stage import StageContext, StageOptions, StageResult, check_tiling
 from pipeline.stages.engines import EngineCache, registered_loader
 from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
@@ -39,12 +39,7 @@ class UpscaleOptions(StageOptions):
 
     @model_validator(mode="after")
     def _check(self) -> UpscaleOptions:
-        if 0 < self.tile < 32:
-            raise ValueError("tile: must be 0 (whole image) or at least 32")
-        if isinstance(self.overlap, int) and self.overlap < 0:
-            raise ValueError('overlap: must be >= 0 or "auto"')
-        if self.tile and isinstance(self.overlap, int) and self.overlap > self.tile:
-            raise ValueError("overlap: must not exceed the tile")
+        check_tiling(self.tile, self.overlap)
         if (
             self.denoise_strength is not None
             and self.denoise_model is None
