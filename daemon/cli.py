@@ -314,11 +314,11 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 def _reprocess(args: argparse.Namespace, config: Config) -> int:
     from daemon.service import recipe_of
-    from daemon.worker import hash_file
+    from pipeline.models import sha256_file
 
     relative = _relative(config, args.path)
     source = Path(config.watch.input).expanduser().resolve() / relative
-    sha = hash_file(source)
+    sha = sha256_file(source)
     store, queue = _open_state(config)
     with contextlib.closing(store):
         chain = config.chain(args.preset)

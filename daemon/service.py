@@ -44,10 +44,10 @@ from daemon.worker import (
     WorkerDied,
     WorkerPool,
     WorkerSettings,
-    hash_file,
     not_the_files_fault,
 )
 from pipeline.chain import Chain
+from pipeline.models import sha256_file
 
 __all__ = ["Daemon", "DaemonError", "LockHeldError", "code_version", "recipe_of", "state_dir"]
 
@@ -102,7 +102,7 @@ def _verify_models(config: Config, chain: Chain) -> None:
     store = model_store(config)
     for _, ref in chain.models():
         resolved = store.resolve(ref)
-        actual = hash_file(resolved.path)
+        actual = sha256_file(resolved.path)
         if actual != resolved.sha256:
             raise DaemonError(
                 f"model {resolved.id} ({resolved.path}): sha256 mismatch: expected "
@@ -391,7 +391,7 @@ class Daemon:
         """Hash a settled file, record it, queue it unless these bytes were done already."""
         assert self.store is not None and self.queue is not None
         try:
-            sha = _hash_regular(item.path)
+            sha = sha256_file(item.path, follow_symlinks=False)
         except OSError as exc:
             if self._unreadable.get(item.relative) != str(exc):  # once, not at every rescan
                 self._unreadable[item.relative] = str(exc)
@@ -687,7 +687,7 @@ class Daemon:
             "kind": "provenance",
             "temp": str(temp),
             "suffix": ".json",
-            "sha256": hash_file(temp),
+            "sha256": sha256_file(temp),
             "bytes": len(data),
         }
 
@@ -743,21 +743,9 @@ class Daemon:
 # ------------------------------------------------------------------ files
 
 
-def _hash_regular(path: Path) -> str:
-    """SHA-256 of a regular file opened without following a symlink swapped in since the scan."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb", buffering=0) as handle:
-        import hashlib
-
-        digest = hashlib.sha256()
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _hash_or_none(path: Path) -> str | None:
     try:
-        return _hash_regular(path)
+        return sha256_file(path, follow_symlinks=False)
     except OSError:
         return None
 
@@ -771,13 +759,13 @@ def _link_all(plan: dict[str, Any], *, recovering: bool = False) -> bool:
         temp, final = Path(item["temp"]), Path(item["final"])
         directories.add(final.parent)
         if final.exists():
-            if recovering and hash_file(final) == item["sha256"]:
+            if recovering and sha256_file(final) == item["sha256"]:
                 continue
             if not recovering:
                 raise FileExistsError(f"{final}: exists; refusing to overwrite")
             complete = False
             continue
-        if temp.exists() and (not recovering or hash_file(temp) == item["sha256"]):
+        if temp.exists() and (not recovering or sha256_file(temp) == item["sha256"]):
             os.link(temp, final)
         else:
             complete = False

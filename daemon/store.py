@@ -20,6 +20,7 @@ from typing import Any, Literal
 import sqlite_utils
 
 from daemon.outputs import TEMP_MARKER, fsync_dir
+from pipeline.models import sha256_file
 
 __all__ = [
     "FIXITY_AUDIT",
@@ -143,15 +144,6 @@ def path_from_db(value: str | bytes) -> str:
 def recipe_sha256(recipe: Mapping[str, Any]) -> str:
     """The recipe hash that keys a job: chain, stage versions, model hashes, code version."""
     return hashlib.sha256(canonical_json(recipe).encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- schema

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -22,11 +21,11 @@ import numpy as np
 
 from daemon.logs import log_to_stderr
 from daemon.outputs import temp_name
+from pipeline.models import sha256_file
 
 __all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings", "not_the_files_fault"]
 
 log = logging.getLogger("scanrestore.worker")
-_CHUNK = 1 << 20
 # OS errors that say something about the machine, not the image: worth another try later.
 _SYSTEM_ERRNOS = frozenset(
     getattr(errno, name)
@@ -86,14 +85,6 @@ class WorkerDied:
 
     task: Task
     exitcode: int | None
-
-
-def hash_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -375,7 +366,7 @@ class _Runner:
             "kind": kind,
             "temp": str(temp),
             "suffix": suffix,
-            "sha256": hash_file(temp),
+            "sha256": sha256_file(temp),
             "bytes": temp.stat().st_size,
         }
 
@@ -384,7 +375,7 @@ def _source_change(task: Task) -> str | None:
     """What happened to the source if it no longer holds the queued bytes, else None. Any
     other OSError (permission denied, a share gone) propagates: that is no change of content."""
     try:
-        if hash_file(task.source) == task.source_sha256:
+        if sha256_file(task.source) == task.source_sha256:
             return None
     except (FileNotFoundError, NotADirectoryError):
         return f"{task.source}: gone (deleted or renamed)"

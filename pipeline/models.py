@@ -328,9 +328,14 @@ class VerifyResult:
         return self.spec.sha256
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB chunks."""
-    with open(path, "rb") as handle:
+def sha256_file(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB chunks. With `follow_symlinks` False a
+    symlink is refused (OSError) rather than followed: for a file vetted as regular that
+    may have been swapped since."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    with os.fdopen(os.open(path, flags), "rb", buffering=0) as handle:
         return _hash_stream(handle)[0]
 
 

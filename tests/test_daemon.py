@@ -20,7 +20,7 @@ from conftest import CORPUS, shared_file
 from modelfactory import nearest_compact, tiny_compact
 
 from daemon.cli import main
-from daemon.worker import hash_file
+from pipeline.models import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SET5 = "corpus/sr_benchmark/Set5/HR"
@@ -120,15 +120,15 @@ def _wait(predicate, timeout: float = 120.0, what: str = "condition") -> None:
 
 def test_a_dropped_file_is_published_as_v1_with_provenance_and_history(site, capsys):
     original = _drop(site, "album/bird.png")
-    before = hash_file(original)
+    before = sha256_file(original)
     assert site.once() == 0
     assert site.outputs() == ["album/bird.v1.json", "album/bird.v1.png"]
     with site.db() as db:
         (status, token) = db.execute("SELECT status, run_token FROM runs").fetchone()
         stages = db.execute("SELECT stage, model_sha256 FROM stage_runs").fetchall()
         outputs = db.execute("SELECT path, version, output_sha256 FROM outputs").fetchall()
-    assert status == "done" and stages == [("upscale", hash_file(site.model))]
-    assert ("album/bird.v1.png", 1, hash_file(site.out / "album/bird.v1.png")) in outputs
+    assert status == "done" and stages == [("upscale", sha256_file(site.model))]
+    assert ("album/bird.v1.png", 1, sha256_file(site.out / "album/bird.v1.png")) in outputs
     history = site.json(capsys, "history", "album/bird.png")
     assert [h["outputs"][0]["path"] for h in history] == ["album/bird.v1.png"]
     sidecar = json.loads((site.out / "album/bird.v1.json").read_text())
@@ -137,7 +137,7 @@ def test_a_dropped_file_is_published_as_v1_with_provenance_and_history(site, cap
 
     xmp = decode(site.out / "album/bird.v1.png").metadata.xmp.decode()
     assert f"<scanrestore:RunId>{token}</scanrestore:RunId>" in xmp
-    assert hash_file(original) == before  # the original is untouched
+    assert sha256_file(original) == before  # the original is untouched
 
 
 def test_the_same_bytes_under_another_name_are_linked_not_processed_again(site, capsys):
@@ -156,11 +156,11 @@ def test_the_same_bytes_under_another_name_are_linked_not_processed_again(site, 
 def test_a_recipe_change_yields_v2_and_leaves_v1_byte_identical(site, tmp_path):
     _drop(site, "bird.png")
     assert site.once() == 0
-    v1 = hash_file(site.out / "bird.v1.png")
+    v1 = sha256_file(site.out / "bird.v1.png")
     site.write_config(model=tiny_compact(tmp_path / "other.pth", scale=2))
     assert site.once() == 0
     assert site.outputs() == ["bird.v1.json", "bird.v1.png", "bird.v2.json", "bird.v2.png"]
-    assert hash_file(site.out / "bird.v1.png") == v1
+    assert sha256_file(site.out / "bird.v1.png") == v1
 
 
 def test_reprocess_forces_a_new_version(site):
@@ -264,7 +264,7 @@ def test_sigkill_mid_job_then_restart_leaves_exactly_one_output_per_source(site)
             names, ["baby.png", "bird.png", "butterfly.png", "head.png"], strict=True
         )
     }
-    hashes = {name: hash_file(path) for name, path in originals.items()}
+    hashes = {name: sha256_file(path) for name, path in originals.items()}
     daemon = site.spawn()
     _wait(
         lambda: _count(site, "SELECT COUNT(*) FROM jobs WHERE state='running'") >= 1,
@@ -282,7 +282,7 @@ def test_sigkill_mid_job_then_restart_leaves_exactly_one_output_per_source(site)
         assert (
             db.execute("SELECT COUNT(*) FROM jobs WHERE state NOT IN ('done')").fetchone()[0] == 0
         )
-    assert {name: hash_file(path) for name, path in originals.items()} == hashes
+    assert {name: sha256_file(path) for name, path in originals.items()} == hashes
 
 
 def _kill_orphan_workers() -> None:

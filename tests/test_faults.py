@@ -40,7 +40,7 @@ from test_daemon import Site
 from daemon.config import load_config
 from daemon.service import Daemon
 from daemon.store import utc_now
-from daemon.worker import hash_file
+from pipeline.models import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SET5 = "corpus/sr_benchmark/Set5/HR"
@@ -196,7 +196,7 @@ def outputs(site: Site) -> list[str]:
 def test_a_full_disk_leaves_no_partial_output_and_the_job_succeeds_once_space_returns(site):
     with small_disk(site.out, "2m"):
         original = drop(site, "album/bird.png")
-        before = hash_file(original)
+        before = sha256_file(original)
         (site.out / "album").mkdir()
         filler = fill(site.out)
         assert site.once() == 1  # the failure is reported, and the run ends normally
@@ -214,7 +214,7 @@ def test_a_full_disk_leaves_no_partial_output_and_the_job_succeeds_once_space_re
         assert temps(site.out) == []
         assert job_state(site, "album/bird.png") == "done"
         assert rows(site, "SELECT status FROM runs ORDER BY id") == [("failed",), ("done",)]
-        assert hash_file(original) == before
+        assert sha256_file(original) == before
 
 
 def test_a_disk_filling_up_while_the_daemon_publishes_fails_the_job_and_keeps_it_alive(site):
@@ -237,7 +237,7 @@ def test_a_disk_filling_up_while_the_daemon_publishes_fails_the_job_and_keeps_it
         assert site.once() == 0
         assert outputs(site) == ["bird.v1.json", "bird.v1.png", "bird.v2.json", "bird.v2.png"]
         recorded = dict(rows(site, "SELECT path, output_sha256 FROM outputs"))
-        assert recorded["bird.v2.png"] == hash_file(site.out / "bird.v2.png")
+        assert recorded["bird.v2.png"] == sha256_file(site.out / "bird.v2.png")
 
 
 # ---------------------------------------------------------------- permissions
@@ -248,7 +248,7 @@ def test_permission_denied_on_a_source_or_the_output_is_reported_retried_and_cha
 ):
     site.write_config(watch={"mode": "native", "stable_seconds": 0.3, "rescan_seconds": 2.0})
     secret = drop(site, "secret.png")
-    before = hash_file(secret)
+    before = sha256_file(secret)
     secret.chmod(0o000)
     drop(site, "album/bird.png", f"{SET5}/head.png")
     locked = site.out / "album"
@@ -277,7 +277,7 @@ def test_permission_denied_on_a_source_or_the_output_is_reported_retried_and_cha
     finally:
         secret.chmod(0o644)
         locked.chmod(0o755)
-    assert hash_file(secret) == before
+    assert sha256_file(secret) == before
     assert job_state(site, "album/bird.png") == job_state(site, "secret.png") == "done"
 
 
@@ -289,8 +289,8 @@ def test_a_source_deleted_renamed_or_rewritten_while_processed_publishes_nothing
     gone, moved, rewritten = (
         big_scan(site.scans / name) for name in ("a-gone.png", "b-moved.png", "c-rewritten.png")
     )
-    moved_sha = hash_file(moved)
-    stale_sha = hash_file(rewritten)
+    moved_sha = sha256_file(moved)
+    stale_sha = sha256_file(rewritten)
     with daemon(site):
         # One worker takes them in order; each is changed while its job runs.
         for source, change in (
@@ -313,7 +313,7 @@ def test_a_source_deleted_renamed_or_rewritten_while_processed_publishes_nothing
     discarded = rows(site, "SELECT path, source_sha256 FROM runs WHERE status = 'discarded'")
     assert sorted(path for path, _ in discarded) == ["a-gone.png", "b-moved.png", "c-rewritten.png"]
     done = dict(rows(site, "SELECT path, source_sha256 FROM runs WHERE status = 'done'"))
-    assert done == {"b-renamed.png": moved_sha, "c-rewritten.png": hash_file(rewritten)}
+    assert done == {"b-renamed.png": moved_sha, "c-rewritten.png": sha256_file(rewritten)}
     assert stale_sha not in {sha for (sha,) in rows(site, "SELECT source_sha256 FROM outputs")}
     states = dict(
         rows(site, "SELECT path, state FROM jobs WHERE path IN ('a-gone.png', 'b-moved.png')")
@@ -406,7 +406,7 @@ def test_a_damaged_model_file_stops_the_start_naming_the_model_and_both_hashes(
 ):
     assert site.cli("models", "import", str(model), "--id", "nearest2x") == 0
     cached = site.root / "cache" / "custom" / "nearest2x.pth"
-    expected = hash_file(cached)
+    expected = sha256_file(cached)
     data = bytearray(cached.read_bytes())
     if damage == "tampered":
         data[len(data) // 2] ^= 0x01  # one bit: the file still loads, as a different model
@@ -418,7 +418,7 @@ def test_a_damaged_model_file_stops_the_start_naming_the_model_and_both_hashes(
     assert site.once() == 78  # EX_CONFIG: systemd does not restart it in a loop
     message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert "nearest2x" in message and str(cached) in message
-    assert f"expected {expected}, got {hash_file(cached)}" in message
+    assert f"expected {expected}, got {sha256_file(cached)}" in message
     assert rows(site, "SELECT count(*) FROM jobs") in ([], [(0,)]) and outputs(site) == []
 
 
@@ -426,7 +426,7 @@ def test_a_model_file_replaced_while_the_daemon_runs_fails_its_jobs_clearly_not_
     site, tmp_path
 ):
     weights = nearest_compact(tmp_path / "weights" / "current.pth", scale=2)
-    expected = hash_file(weights)
+    expected = sha256_file(weights)
     site.write_config(model=weights)
     with daemon(site):
         wait_started(site)
@@ -435,7 +435,7 @@ def test_a_model_file_replaced_while_the_daemon_runs_fails_its_jobs_clearly_not_
         wait_for(lambda: job_state(site, "bird.png") == "failed", "the job to fail")
         ((error,),) = rows(site, "SELECT last_error FROM jobs WHERE path = 'bird.png'")
         assert str(weights) in error
-        assert f"expected {expected}, got {hash_file(weights)}" in error
+        assert f"expected {expected}, got {sha256_file(weights)}" in error
         assert outputs(site) == []
         nearest_compact(weights, scale=2)  # the right file restored
         assert site.cli("retry", "--all-failed") == 0

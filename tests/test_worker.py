@@ -14,8 +14,9 @@ from modelfactory import nearest_compact
 
 from daemon.config import Config
 from daemon.outputs import TEMP_MARKER
-from daemon.worker import Outcome, Task, WorkerDied, WorkerPool, WorkerSettings, hash_file
+from daemon.worker import Outcome, Task, WorkerDied, WorkerPool, WorkerSettings
 from pipeline.image import decode
+from pipeline.models import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def _task(source: Path, dest: Path, **changes) -> Task:
         "job_id": 1,
         "run_id": "run-1",
         "source": str(source),
-        "source_sha256": hash_file(source),
+        "source_sha256": sha256_file(source),
         "dest_dir": str(dest),
         "stem": source.stem,
         "recipe_sha256": "r" * 64,
@@ -61,20 +62,20 @@ def test_a_task_yields_fsynced_temporary_files_with_hashes_and_stamped_provenanc
     source = tmp_path / "in" / "photo.png"
     source.parent.mkdir()
     shutil.copy(shared_file("corpus/sr_benchmark/Set5/HR/baby.png"), source)
-    before = hash_file(source)
+    before = sha256_file(source)
     pool.submit(_task(source, tmp_path / "out"))
     outcome = _one_event(pool)
     assert isinstance(outcome, Outcome) and outcome.status == "ok", outcome
     (image,) = outcome.files
     temp = Path(image["temp"])
     assert temp.parent == tmp_path / "out" and TEMP_MARKER in temp.name
-    assert image["sha256"] == hash_file(temp) and image["suffix"] == ".png"
+    assert image["sha256"] == sha256_file(temp) and image["suffix"] == ".png"
     written, original = decode(temp), decode(source)
     assert written.pixels.shape == (original.height * 2, original.width * 2, 3)
     assert np.array_equal(written.pixels[::2, ::2], original.pixels)  # exact nearest 2x model
     assert b"<scanrestore:RunId>run-1</scanrestore:RunId>" in written.metadata.xmp
     assert [stage["stage"] for stage in outcome.stages] == ["upscale"]
-    assert hash_file(source) == before  # the original is untouched
+    assert sha256_file(source) == before  # the original is untouched
 
 
 def test_a_source_changed_since_ingest_is_reported_and_nothing_is_left(pool, tmp_path):
