@@ -40,8 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.files import sha256_file  # noqa: E402
 from pipeline.image import Image, decode  # noqa: E402
-from pipeline.models import ModelStore, sha256_file  # noqa: E402
+from pipeline.models import ModelStore  # noqa: E402
 from pipeline.stage import StageContext, StageResult  # noqa: E402
 from pipeline.stages.denoise import DenoiseOptions, DenoiseStage  # noqa: E402
 from pipeline.stages.restore import RestoreOptions, RestoreStage  # noqa: E402

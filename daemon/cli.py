@@ -314,7 +314,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 def _reprocess(args: argparse.Namespace, config: Config) -> int:
     from daemon.service import recipe_of
-    from pipeline.models import sha256_file
+    from pipeline.files import sha256_file
 
     relative = _relative(config, args.path)
     source = Path(config.watch.input).expanduser().resolve() / relative

@@ -3,7 +3,6 @@ fsynced, then published under a version number that has never been used; never o
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -11,10 +10,11 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.files import fsync_dir, fsync_file, link_no_replace
+
 __all__ = [
     "TEMP_MARKER",
     "existing_versions",
-    "fsync_dir",
     "publish_version",
     "temp_name",
     "temp_prefix",
@@ -50,20 +50,6 @@ def existing_versions(directory: Path, stem: str) -> set[int]:
     return taken
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: fsync the directory entry (a no-op where the OS refuses)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish_version(
     directory: Path, stem: str, suffix: str, write: Callable[[Path], object], *, minimum: int = 1
 ) -> tuple[Path, int]:
@@ -78,38 +64,15 @@ def publish_version(
     temp = directory / temp_name(stem, suffix)
     try:
         write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(temp)
         version = max(existing_versions(directory, stem), default=minimum - 1) + 1
         version = max(version, minimum)
         while True:
             final = directory / f"{stem}.v{version}{suffix}"
-            if _link_no_replace(temp, final):
+            if link_no_replace(temp, final):
                 break
             version += 1
         fsync_dir(directory)
         return final, version
     finally:
         temp.unlink(missing_ok=True)
-
-
-def _link_no_replace(temp: Path, final: Path) -> bool:
-    """Publish `temp` as `final` unless `final` exists; True on success."""
-    try:
-        os.link(temp, final)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (
-            errno.EPERM,
-            errno.ENOTSUP,
-            errno.EOPNOTSUPP,
-            errno.EXDEV,
-            errno.EMLINK,
-        ):
-            raise
-    if final.exists():
-        return False
-    os.rename(temp, final)
-    return True

@@ -25,7 +25,7 @@ from typing import Any
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.logs import escape_controls
-from daemon.outputs import TEMP_MARKER, existing_versions, fsync_dir, temp_name, temp_prefix
+from daemon.outputs import TEMP_MARKER, existing_versions, temp_name, temp_prefix
 from daemon.queue import Job, JobQueue
 from daemon.schedule import ActiveHours, Schedules
 from daemon.store import (
@@ -47,7 +47,7 @@ from daemon.worker import (
     not_the_files_fault,
 )
 from pipeline.chain import Chain
-from pipeline.models import sha256_file
+from pipeline.files import fsync_dir, fsync_file, sha256_file
 
 __all__ = ["Daemon", "DaemonError", "LockHeldError", "code_version", "recipe_of", "state_dir"]
 
@@ -676,10 +676,8 @@ class Daemon:
         temp = Path(task.dest_dir) / temp_name(task.stem, ".json")
         data = (json.dumps(document, indent=2, ensure_ascii=True) + "\n").encode()
         try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            temp.write_bytes(data)
+            fsync_file(temp)
         except OSError:
             temp.unlink(missing_ok=True)
             raise

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from daemon.outputs import TEMP_MARKER, fsync_dir
-from pipeline.models import sha256_file
+from daemon.outputs import TEMP_MARKER
+from pipeline.files import fsync_dir, fsync_file, link_no_replace, sha256_file
 
 __all__ = [
     "FIXITY_AUDIT",
@@ -50,7 +50,6 @@ __all__ = [
     "open_database",
     "path_from_db",
     "recipe_sha256",
-    "sha256_file",
     "timestamp",
     "utc_now",
 ]
@@ -913,26 +912,13 @@ class Store:
         temp = dest.parent / f"._{dest.name}{TEMP_MARKER}{secrets.token_hex(4)}"
         try:
             self.conn.execute("VACUUM INTO ?", (str(temp),))
-            with open(temp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            _link_no_replace(temp, dest)
+            fsync_file(temp)
+            if not link_no_replace(temp, dest):
+                raise BackupExistsError(dest)
             fsync_dir(dest.parent)
         finally:
             temp.unlink(missing_ok=True)
         return dest
-
-
-def _link_no_replace(temp: Path, dest: Path) -> None:
-    try:
-        os.link(temp, dest)
-        return
-    except FileExistsError:
-        raise BackupExistsError(dest) from None
-    except OSError:
-        pass  # no hard links here (some shares): check, then rename
-    if dest.exists():
-        raise BackupExistsError(dest)
-    os.rename(temp, dest)
 
 
 def _at(text: str) -> datetime:

@@ -21,7 +21,7 @@ import numpy as np
 
 from daemon.logs import log_to_stderr
 from daemon.outputs import temp_name
-from pipeline.models import sha256_file
+from pipeline.files import fsync_file, sha256_file
 
 __all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings", "not_the_files_fault"]
 
@@ -360,8 +360,7 @@ class _Runner:
         temp = Path(task.dest_dir) / temp_name(task.stem, suffix)
         temps.append(temp)
         write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(temp)
         return {
             "kind": kind,
             "temp": str(temp),

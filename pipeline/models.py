@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import threading
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ from pipeline.errors import (
     ModelNotAvailableError,
     UnknownModelError,
 )
+from pipeline.files import replace_durably, sha256_file, temp_beside, write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,6 @@ __all__ = [
     "VerifyStatus",
     "build_registry",
     "default_cache_dir",
-    "sha256_file",
 ]
 
 _log = logging.getLogger(__name__)
@@ -328,17 +327,6 @@ class VerifyResult:
         return self.spec.sha256
 
 
-def sha256_file(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB chunks. With `follow_symlinks` False a
-    symlink is refused (OSError) rather than followed: for a file vetted as regular that
-    may have been swapped since."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    with os.fdopen(os.open(path, flags), "rb", buffering=0) as handle:
-        return _hash_stream(handle)[0]
-
-
 def default_cache_dir() -> Path:
     """$SCANRESTORE_CACHE_DIR, else $XDG_CACHE_HOME/scanrestore/models, else ~/.cache/..."""
     explicit = os.environ.get("SCANRESTORE_CACHE_DIR")
@@ -370,42 +358,6 @@ def _hash_stream(
         if progress is not None:
             progress(done, total)
     return digest.hexdigest(), done
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable, not only the file's bytes.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _temp_file_in(folder: Path, name: str) -> Iterator[tuple[Path, IO[bytes]]]:
-    """A hidden temporary file in `folder`, removed on exit unless `_publish` renamed it away."""
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{name}.part-{secrets.token_hex(8)}"
-    try:
-        with open(temp, "xb") as handle:
-            yield temp, handle
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _publish(handle: IO[bytes], temp: Path, final: Path) -> None:
-    """Make the temp file durable, then atomically give it its final name."""
-    handle.flush()
-    os.fsync(handle.fileno())
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(temp, final)
-    _fsync_dir(final.parent)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    with _temp_file_in(path.parent, path.name) as (temp, handle):
-        handle.write(data)
-        _publish(handle, temp, path)
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -678,7 +630,7 @@ class _Catalogue:
             yield data
             if json.dumps(data, sort_keys=True) != before:
                 text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-                _write_atomically(self.path, text.encode("utf-8"))
+                write_atomically(self.path, text.encode("utf-8"))
 
 
 def _now() -> str:
@@ -939,7 +891,7 @@ class ModelStore:
     ) -> tuple[str, int]:
         assert spec.url is not None
         request = urllib.request.Request(spec.url, headers={"User-Agent": _USER_AGENT})
-        with _temp_file_in(final.parent, final.name) as (temp, handle):
+        with temp_beside(final) as (temp, handle):
             try:
                 with self._urlopen(request, timeout=self._timeout) as response:
                     announced = _content_length(response)
@@ -958,7 +910,7 @@ class ModelStore:
                     )
             if spec.sha256 is not None and sha != spec.sha256:
                 raise HashMismatchError(f"{spec.id} (downloaded from {spec.url})", spec.sha256, sha)
-            _publish(handle, temp, final)
+            replace_durably(handle, temp, final)
         return sha, size
 
     def _pin(self, catalogue: dict[str, Any], model_id: str, sha: str, size: int) -> None:
@@ -983,7 +935,7 @@ class ModelStore:
         source = Path(path).expanduser()
         if not source.is_file():
             raise ModelError(f"{source}: no such file to import")
-        with _temp_file_in(self.cache_dir, "import") as (temp, handle):
+        with temp_beside(self.cache_dir / "import") as (temp, handle):
             with open(source, "rb") as reader:
                 sha, size = _hash_stream(reader, handle)
             handle.flush()
@@ -993,10 +945,10 @@ class ModelStore:
                 if known is not None:
                     if model_id not in (None, known.id):
                         _log.info("%s is %s already; not naming it %s", source, known.id, model_id)
-                    _publish(handle, temp, self.path_for(known))
+                    replace_durably(handle, temp, self.path_for(known))
                     return known
                 spec = self._new_spec(temp, source, sha, size, model_id, licence, specs)
-                _publish(handle, temp, self.path_for(spec))
+                replace_durably(handle, temp, self.path_for(spec))
                 if spec.origin == "official":
                     self._pin(catalogue, spec.id, sha, size)
                 else:

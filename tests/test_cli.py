@@ -12,7 +12,7 @@ from conftest import CORPUS, NO_SHARED, SHARED, shared_file
 from modelfactory import tiny_compact
 
 from daemon.cli import main
-from pipeline.models import sha256_file
+from pipeline.files import sha256_file
 
 HOSTILE = sorted((CORPUS / "hostile_inputs").glob("*")) if SHARED.is_dir() else []
 

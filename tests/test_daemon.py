@@ -20,7 +20,7 @@ from conftest import CORPUS, shared_file
 from modelfactory import nearest_compact, tiny_compact
 
 from daemon.cli import main
-from pipeline.models import sha256_file
+from pipeline.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SET5 = "corpus/sr_benchmark/Set5/HR"

@@ -74,7 +74,7 @@ def test_strength_blends_the_denoised_image_with_the_input(ctx, strength):
 
 
 def test_dncnn_runs_a_colour_model_tiled_and_records_its_hash(tmp_path, ctx):
-    from pipeline.models import sha256_file
+    from pipeline.files import sha256_file
 
     weights = tiny_dncnn(tmp_path / "dncnn.pth", channels=3)
     image, _ = noisy_pair()

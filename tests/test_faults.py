@@ -40,7 +40,7 @@ from test_daemon import Site
 from daemon.config import load_config
 from daemon.service import Daemon
 from daemon.store import utc_now
-from pipeline.models import sha256_file
+from pipeline.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SET5 = "corpus/sr_benchmark/Set5/HR"

@@ -31,13 +31,13 @@ from pipeline.errors import (
     ModelNotAvailableError,
     UnknownModelError,
 )
+from pipeline.files import sha256_file
 from pipeline.models import (
     REGISTRY,
     ModelSpec,
     ModelStore,
     build_registry,
     default_cache_dir,
-    sha256_file,
 )
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"

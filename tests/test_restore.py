@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from pipeline.chain import ChainConfigError, build_chain
 from pipeline.errors import StageError
+from pipeline.files import sha256_file
 from pipeline.image import Image, Metadata, decode
-from pipeline.models import ModelStore, sha256_file
+from pipeline.models import ModelStore
 from pipeline.stage import StageContext
 from pipeline.stages.restore import RestoreOptions, RestoreStage
 

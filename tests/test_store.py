@@ -26,8 +26,8 @@ from daemon.store import (
     canonical_json,
     open_database,
     recipe_sha256,
-    sha256_file,
 )
+from pipeline.files import sha256_file
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SHA_A, SHA_B, SHA_C = ("a" * 64, "b" * 64, "c" * 64)

@@ -47,7 +47,7 @@ def test_output_has_the_requested_scale_whatever_the_native_scale(tmp_path, ctx,
 
 
 def test_params_name_the_model_and_its_hash_and_are_json(tmp_path, ctx):
-    from pipeline.models import sha256_file
+    from pipeline.files import sha256_file
 
     model = tiny_rrdbnet(tmp_path / "x2.pth", scale=2)
     result = stage(model=str(model), scale=2, tile=0).run(make_image(), ctx)

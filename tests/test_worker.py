@@ -15,8 +15,8 @@ from modelfactory import nearest_compact
 from daemon.config import Config
 from daemon.outputs import TEMP_MARKER
 from daemon.worker import Outcome, Task, WorkerDied, WorkerPool, WorkerSettings
+from pipeline.files import sha256_file
 from pipeline.image import decode
-from pipeline.models import sha256_file
 
 
 @pytest.fixture(scope="module")
