@@ -8,7 +8,7 @@ import errno
 import logging
 import multiprocessing
 import os
-import signal
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from daemon import worker_entry
 from daemon.logs import log_to_stderr
 from daemon.outputs import temp_name
 from pipeline.files import fsync_file, sha256_file
@@ -96,8 +97,8 @@ class _Slot:
         parent, child = ctx.Pipe()
         self.conn: Connection = parent
         self.process = ctx.Process(
-            target=_child_main,
-            args=(child, settings, os.getpid()),
+            target=worker_entry.main,
+            args=(child, os.getpid(), pickle.dumps(settings)),
             name=f"scanrestore-worker-{index}",
         )
         self.process.start()
@@ -210,29 +211,13 @@ def _send_quietly(conn: Connection, message: Any) -> None:
 # ------------------------------------------------------------------------------- child side
 
 
-def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive a killed daemon: it would go on writing files the restarted
-    daemon has already cleaned up. Linux's parent-death signal kills it with the parent."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux: the closed pipe still ends the worker after its current image
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-
-
-def _child_main(conn: Connection, settings: WorkerSettings, parent: int) -> None:
-    _die_with_parent(parent)
+def serve(conn: Connection, settings: WorkerSettings) -> None:
+    """A child's loop, entered through daemon.worker_entry once the child dies with its parent:
+    run each task the parent sends until it sends None or goes away."""
     # A spawned child starts with no logging set up: records (a decoder's warning naming the
     # file, tifffile's complaints, Pillow's warnings) would reach stderr bare and raw.
     log_to_stderr(settings.log_level)
     logging.captureWarnings(True)
-    # The parent handles SIGINT/SIGTERM and tells children when to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     runner = _Runner(settings)
     while True:
         try:
