@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from daemon.queue import JobQueue
 from daemon.store import (
     FIXITY_AUDIT,
     FIXITY_MISMATCH,
@@ -24,8 +26,10 @@ from daemon.store import (
     StoreError,
     UnknownReferenceError,
     canonical_json,
+    merge_histories,
     open_database,
     recipe_sha256,
+    timestamp,
 )
 from pipeline.files import sha256_file
 
@@ -150,6 +154,62 @@ def test_processes_opening_a_new_file_at_once_apply_each_migration_once(tmp_path
     assert errors == []
     with open_database(db) as store:
         assert store.applied_migrations() == [m.name for m in MIGRATIONS]
+
+
+OLD_DATABASE = Path(__file__).parent / "data" / "database_a55d7c5.sql"
+
+
+def _schema(conn: sqlite3.Connection) -> list[tuple]:
+    return conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+    ).fetchall()
+
+
+def test_a_database_written_before_the_split_reopens_with_its_names_and_runs_only_new_steps(
+    tmp_path, clock
+):
+    """A file the single-module store wrote (its 0001..0003, the jobs table's included) is
+    opened by the store and queue of today: no recorded migration runs again, only newer
+    ones do, its rows read back, and its schema ends up identical to a new file's."""
+    old = tmp_path / "old.db"
+    with closing(sqlite3.connect(old)) as conn:
+        conn.executescript(OLD_DATABASE.read_text())
+    before = ["0001_provenance", "0002_jobs", "0003_publication"]
+    clock.advance(86400)  # the file's own steps were recorded at T0 and just after
+    with open_database(old, clock=clock) as store:
+        applied = store.applied_migrations()
+        assert applied[:3] == before
+        assert applied == [m.name for m in MIGRATIONS]
+        newer = [m.name for m in MIGRATIONS if m.name not in before]
+        recorded = store.conn.execute("SELECT name, applied_at FROM migrations").fetchall()
+        assert [name for name, at in recorded if at == timestamp(clock())] == newer
+        [run] = store.history("album/a.png")
+        assert run.run_token == "00112233aabbccdd" and run.outputs[0].path == "album/a.v1.png"
+        queue = JobQueue(store)
+        assert queue.counts()["done"] == 1 and queue.counts()["queued"] == 1
+        assert queue.claim("new-daemon").path == "album/b.png"
+        migrated = _schema(store.conn)
+    with open_database(tmp_path / "new.db", clock=clock) as fresh:
+        assert _schema(fresh.conn) == migrated
+
+
+def test_owners_histories_merge_by_number_and_a_shared_step_runs_once(tmp_path):
+    ran: list[str] = []
+    store_steps = [
+        Migration("0001_a", lambda db: ran.append("store 1")),
+        Migration("0003_c", lambda db: ran.append("store 3")),
+    ]
+    queue_steps = [
+        Migration("0002_b", lambda db: ran.append("queue 2")),
+        Migration("0003_c", lambda db: ran.append("queue 3")),
+    ]
+    merged = merge_histories(store_steps, queue_steps)
+    assert [m.name for m in merged] == ["0001_a", "0002_b", "0003_c"]
+    with open_database(tmp_path / "x.db", migrations=merged) as store:
+        assert store.applied_migrations() == ["0001_a", "0002_b", "0003_c"]
+    assert ran == ["store 1", "queue 2", "store 3", "queue 3"]
+    with pytest.raises(ValueError, match="'later': name must be NNNN_words"):
+        merge_histories([Migration("later", lambda db: None)])
 
 
 def test_the_connection_uses_wal_full_sync_and_foreign_keys(store):

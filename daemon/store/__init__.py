@@ -29,7 +29,7 @@ from daemon.store.fixity import (
     FixityItem,
     FixityReport,
 )
-from daemon.store.migrations import MIGRATIONS, Migration, script
+from daemon.store.migrations import Migration, merge_histories, script
 from daemon.store.provenance import (
     PROVENANCE_TABLES,
     Event,
@@ -39,7 +39,7 @@ from daemon.store.provenance import (
     RunRecord,
     StageRun,
 )
-from daemon.store.store import Store, open_database
+from daemon.store.store import Store, database_migrations, open_database
 
 __all__ = [
     "FIXITY_AUDIT",
@@ -68,8 +68,10 @@ __all__ = [
     "StoreError",
     "UnknownReferenceError",
     "canonical_json",
+    "database_migrations",
     "db_path",
     "from_timestamp",
+    "merge_histories",
     "open_database",
     "path_from_db",
     "recipe_sha256",
@@ -77,3 +79,11 @@ __all__ = [
     "timestamp",
     "utc_now",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # MIGRATIONS, the database's whole history, holds the queue's migrations, and daemon.queue
+    # imports this package: it is built when first asked for.
+    if name == "MIGRATIONS":
+        return database_migrations()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

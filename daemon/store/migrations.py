@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -10,9 +11,8 @@ import sqlite_utils
 
 from daemon.store.connection import Connection
 from daemon.store.errors import SchemaTooNewError
-from daemon.store.provenance import PROVENANCE_SCHEMA
 
-__all__ = ["MIGRATIONS", "Migration", "applied_migrations", "migrate", "script"]
+__all__ = ["Migration", "applied_migrations", "merge_histories", "migrate", "script"]
 
 
 @dataclass(frozen=True)
@@ -63,62 +63,26 @@ def applied_migrations(database: Connection) -> list[str]:
     return [row[0] for row in rows]
 
 
-# The only mutable table. A lease exists exactly while a job runs, and a (path, bytes, recipe)
-# has at most one job that is still to be done.
-_JOBS = """
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,
-    path ANY NOT NULL,
-    source_sha256 TEXT NOT NULL,
-    recipe_sha256 TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (
-        state IN ('queued', 'running', 'done', 'failed', 'quarantined', 'superseded')),
-    force INTEGER NOT NULL CHECK (force IN (0, 1)),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    worker_deaths INTEGER NOT NULL DEFAULT 0,
-    lease_id TEXT,
-    lease_owner TEXT,
-    lease_process TEXT,
-    lease_expires_at TEXT,
-    lease_expires_mono REAL,
-    heartbeat_at TEXT,
-    next_attempt_at TEXT NOT NULL,
-    last_error TEXT,
-    quarantine_reason TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    finished_at TEXT,
-    CHECK ((state = 'running') = (lease_id IS NOT NULL AND lease_owner IS NOT NULL
-        AND lease_process IS NOT NULL AND lease_expires_at IS NOT NULL
-        AND lease_expires_mono IS NOT NULL)),
-    CHECK (state != 'quarantined' OR quarantine_reason IS NOT NULL)
-) STRICT;
-CREATE UNIQUE INDEX jobs_one_active ON jobs (path, source_sha256, recipe_sha256)
-    WHERE state IN ('queued', 'running', 'failed');
-CREATE INDEX jobs_due ON jobs (state, next_attempt_at, id);
-CREATE INDEX jobs_key ON jobs (source_sha256, recipe_sha256, state);
-CREATE INDEX jobs_path ON jobs (path, recipe_sha256);
-"""
+def merge_histories(*histories: Sequence[Migration]) -> tuple[Migration, ...]:
+    """One database history from the migrations of each table's owner (the store's, the
+    queue's), in the order of the four-digit number that starts every name. Owners' parts of
+    one step (both hold a "0003_publication") become one migration, their parts run in the
+    order the histories are given, in one transaction, recorded once under that name."""
+    steps: dict[str, list[Migration]] = {}
+    for history in histories:
+        for migration in history:
+            if not re.fullmatch(r"\d{4}_\w+", migration.name):
+                raise ValueError(f"migration {migration.name!r}: name must be NNNN_words")
+            steps.setdefault(migration.name, []).append(migration)
+    return tuple(_joined(name, steps[name]) for name in sorted(steps))
 
 
-# A run's token is written into its output files (XMP RunId) before the run row exists. A job's
-# publication plan (the final names and hashes of its outputs) is recorded before the files
-# are linked into place, so a crash between linking and recording finishes the record on
-# restart instead of publishing the same recipe twice.
-_PUBLICATION = """
-ALTER TABLE runs ADD COLUMN run_token TEXT;
-CREATE INDEX runs_token ON runs (run_token);
-ALTER TABLE jobs ADD COLUMN publishing TEXT;
-"""
+def _joined(name: str, parts: list[Migration]) -> Migration:
+    if len(parts) == 1:
+        return parts[0]
 
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration("0001_provenance", script(PROVENANCE_SCHEMA)),
-    Migration("0002_jobs", script(_JOBS)),
-    Migration("0003_publication", script(_PUBLICATION)),
-)
+    def apply(db: sqlite_utils.Database) -> None:
+        for part in parts:
+            part.apply(db)
 
-
-def database_migrations() -> tuple[Migration, ...]:
-    """Every migration of the daemon's database file, in order."""
-    return MIGRATIONS
+    return Migration(name, apply)

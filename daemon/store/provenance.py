@@ -19,9 +19,10 @@ from daemon.store.connection import (
     timestamp,
 )
 from daemon.store.errors import UnknownReferenceError
+from daemon.store.migrations import Migration, script
 
 __all__ = [
-    "PROVENANCE_SCHEMA",
+    "PROVENANCE_MIGRATIONS",
     "PROVENANCE_TABLES",
     "Event",
     "Observation",
@@ -55,7 +56,7 @@ def _append_only(table: str) -> str:
 
 
 # STRICT tables: a wrong type is an error, not a silent conversion.
-PROVENANCE_SCHEMA = """
+_PROVENANCE = """
 CREATE TABLE sources (
     source_sha256 TEXT PRIMARY KEY,
     size INTEGER NOT NULL CHECK (size >= 0),
@@ -127,6 +128,19 @@ CREATE TABLE events (
 CREATE INDEX events_kind ON events (kind, occurred_at);
 CREATE INDEX events_path ON events (path);
 """ + "".join(_append_only(table) for table in PROVENANCE_TABLES)
+
+# A run's token is written into its output files (XMP RunId) before the run row exists. (The
+# queue's part of this step records a job's publication plan: see daemon.queue.)
+_RUN_TOKEN = """
+ALTER TABLE runs ADD COLUMN run_token TEXT;
+CREATE INDEX runs_token ON runs (run_token);
+"""
+
+# The provenance tables' history; daemon.store.store merges it with the queue's.
+PROVENANCE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration("0001_provenance", script(_PROVENANCE)),
+    Migration("0003_publication", script(_RUN_TOKEN)),
+)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from daemon.store.backup import Backup
 from daemon.store.connection import Clock, connect, utc_now
 from daemon.store.errors import StoreError
 from daemon.store.fixity import Fixity
-from daemon.store.migrations import Migration
+from daemon.store.migrations import Migration, merge_histories
+from daemon.store.provenance import PROVENANCE_MIGRATIONS
 
-__all__ = ["Store", "open_database"]
+__all__ = ["Store", "database_migrations", "open_database"]
 
 
 class Store(Fixity, Backup):
@@ -25,11 +26,20 @@ class Store(Fixity, Backup):
         """Apply pending migrations (by default the database's whole history), each in its own
         transaction; return the names applied."""
         if migrations is None:
-            migrations = _migrations.database_migrations()
+            migrations = database_migrations()
         return _migrations.migrate(self, migrations)
 
     def applied_migrations(self) -> list[str]:
         return _migrations.applied_migrations(self)
+
+
+def database_migrations() -> tuple[Migration, ...]:
+    """The database file's whole history: the provenance tables' migrations and the queue's
+    (daemon.queue owns `jobs`), merged in number order. Imported here, when first asked for,
+    because daemon.queue imports this package."""
+    from daemon.queue import JOB_MIGRATIONS
+
+    return merge_histories(PROVENANCE_MIGRATIONS, JOB_MIGRATIONS)
 
 
 def open_database(
