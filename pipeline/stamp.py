@@ -9,12 +9,11 @@ import struct
 from collections.abc import Mapping, Sequence
 from xml.sax.saxutils import escape
 
-from pipeline.image import Metadata, _ExifError, _read_ifd, _tiff_layout
+from pipeline.image import Metadata, directory, tags
 
 __all__ = ["NAMESPACE", "stamp"]
 
 NAMESPACE = "https://scanrestore.org/ns/1.0/"
-_SOFTWARE, _ASCII = 0x0131, 2
 _OURS = re.compile(
     rb"<rdf:Description\b[^>]*xmlns:scanrestore=[^>]*?(?:/>|>.*?</rdf:Description>)", re.DOTALL
 )
@@ -80,46 +79,44 @@ def _with_software(exif: bytes | None, software: str) -> tuple[bytes, str | None
     """
     value = software.encode("utf-8", "replace") + b"\x00"
     if not exif:
-        order = "<"
-        buf = bytearray(b"II*\x00" + struct.pack("<I", 8))
-        raw_entries: list[tuple[int, bytes]] = []
+        layout = directory.Layout("<", big=False, first_ifd=8)
+        buf = bytearray(directory.header(layout.order))
+        rows: list[tuple[int, bytes]] = []
         next_ifd, original = 0, None
     else:
         try:
-            layout = _tiff_layout(exif)
+            layout = directory.read_header(exif)
             if layout.big:
-                raise _ExifError("BigTIFF-structured EXIF block")
-            entries, next_ifd = _read_ifd(exif, layout.first_ifd, layout, follow=False)
-        except (_ExifError, struct.error):
+                raise directory.DirectoryError("BigTIFF-structured EXIF block")
+            entries, next_ifd = directory.read_ifd(exif, layout.first_ifd, layout, follow=False)
+        except (directory.DirectoryError, struct.error):
             return _with_software(None, software)  # decode refuses malformed EXIF; be safe
-        order, buf = layout.order, bytearray(exif)
-        raw_entries = [
-            (entry.tag, bytes(buf[entry.position : entry.position + 12]))
+        buf = bytearray(exif)
+        rows = [
+            (entry.tag, directory.raw_entry(buf, entry, layout))
             for entry in entries
-            if entry.tag != _SOFTWARE
+            if entry.tag != tags.SOFTWARE
         ]
         original = next(
             (
                 entry.data.rstrip(b"\x00").decode("utf-8", "replace")
                 for entry in entries
-                if entry.tag == _SOFTWARE and entry.kind == _ASCII and entry.data is not None
+                if entry.tag == tags.SOFTWARE
+                and entry.kind == tags.ASCII
+                and entry.data is not None
             ),
             None,
         )
     if len(buf) % 2:
         buf.append(0)
     if len(value) > 4:
-        field = struct.pack(order + "I", len(buf))
+        field = struct.pack(layout.order + "I", len(buf))
         buf += value + (b"\x00" if len(value) % 2 else b"")
     else:
         field = value.ljust(4, b"\x00")
-    raw_entries.append(
-        (_SOFTWARE, struct.pack(order + "HHI", _SOFTWARE, _ASCII, len(value)) + field)
-    )
-    raw_entries.sort(key=lambda item: item[0])
+    head = directory.entry_head(tags.SOFTWARE, tags.ASCII, len(value), layout)
+    rows.append((tags.SOFTWARE, head + field))
     table_offset = len(buf)
-    buf += struct.pack(order + "H", len(raw_entries))
-    buf += b"".join(raw for _, raw in raw_entries)
-    buf += struct.pack(order + "I", next_ifd)
-    struct.pack_into(order + "I", buf, 4, table_offset)
+    buf += directory.ifd_table(rows, next_ifd, layout)
+    struct.pack_into(layout.order + "I", buf, layout.first_ifd_pointer, table_offset)
     return bytes(buf), original

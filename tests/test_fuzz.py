@@ -147,10 +147,10 @@ def test_a_damaged_thumbnail_offset_does_not_blank_the_exif_of_the_output(tmp_pa
 
 
 def _ifd0(exif: bytes):
-    from pipeline.image import _read_ifd, _tiff_layout
+    from pipeline.image.directory import read_header, read_ifd
 
-    layout = _tiff_layout(exif)
-    return _read_ifd(exif, layout.first_ifd, layout)[0]
+    layout = read_header(exif)
+    return read_ifd(exif, layout.first_ifd, layout)[0]
 
 
 def test_a_corrupt_lzw_strip_is_refused_not_a_crash(tmp_path):

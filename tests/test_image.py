@@ -29,8 +29,10 @@ from pipeline.image import (
     decode,
     encode,
     format_from_name,
+    formats,
     suffix_for,
 )
+from pipeline.image.formats import tiff as tiff_format
 
 LOSSLESS = ("png", "tiff")
 RNG = np.random.default_rng(20240611)
@@ -107,6 +109,15 @@ def test_format_names_and_suffixes_map_both_ways():
         format_from_name("bmp")
     with pytest.raises(ValueError, match="gif"):
         suffix_for("gif")
+
+
+def test_the_format_registry_refuses_a_name_or_alias_already_taken():
+    png = formats.REGISTRY["png"]
+    with pytest.raises(ValueError, match="'png' is already registered"):
+        formats.register(png)
+    with pytest.raises(ValueError, match="'tif' is already registered"):
+        formats.register(replace(png, name="other", aliases=("tif",)))
+    assert tuple(formats.REGISTRY) == FORMATS
 
 
 def test_format_is_detected_from_content_not_the_name(tmp_path):
@@ -871,7 +882,7 @@ def test_tiff_encode_streams_a_disk_backed_memmap_band_by_band(tmp_path):
 
 
 def test_bigtiff_output_carries_exif_and_reads_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(image_module, "_CLASSIC_TIFF_LIMIT", 0)  # as if the image passed 4 GiB
+    monkeypatch.setattr(tiff_format, "CLASSIC_TIFF_LIMIT", 0)  # as if the image passed 4 GiB
     source = tmp_path / "camera.jpg"
     PILImage.fromarray(quadrants()).save(source, exif=camera_exif(1))
     output = tmp_path / "out.tif"
