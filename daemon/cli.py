@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from daemon.config import Config, ConfigError, load_config, model_store
 from daemon.logs import log_to_stderr
-from daemon.outputs import publish_version
+from daemon.publish import publish_files, write_temp
 from pipeline import image as imageio
 from pipeline.chain import Chain, ChainConfigError, build_chain
 from pipeline.errors import ModelError, PipelineError
@@ -464,10 +464,11 @@ def _process_one(path: Path, job: _Job) -> dict[str, Any]:
         def write(temp: Path) -> None:
             written.append(imageio.encode(result.image, temp, format=fmt, quality=job.quality))
 
-        final, version = publish_version(job.out, path.stem, imageio.suffix_for(fmt), write)
+        made = write_temp(job.out, path.stem, "image", imageio.suffix_for(fmt), write)
+        (published,) = publish_files(job.out, path.stem, [made])
         record |= {
-            "output": str(final),
-            "version": version,
+            "output": str(published.final),
+            "version": published.version,
             "format": written[0],
             "stages": [stage.as_dict() for stage in result.stages],
         }

@@ -558,6 +558,33 @@ class JobQueue:
         ).fetchone()
         return from_timestamp(row[0])
 
+    # ------------------------------------------------------------ publication plans
+    # A job's publication plan (daemon.publish.Plan, as its JSON text) is recorded before its
+    # files are linked into place and cleared when the run is recorded, so a restart finds
+    # every publication a crash interrupted.
+
+    def record_plan(self, job: Job, plan_json: str) -> Job:
+        """Extend the lease and record the plan, in one transaction; LeaseLostError if the
+        lease was taken away (nothing is recorded then)."""
+        with self.store.transaction():
+            job = self.heartbeat(job)
+            self.store.conn.execute(
+                "UPDATE jobs SET publishing = ? WHERE id = ?", (plan_json, job.id)
+            )
+        return job
+
+    def clear_plan(self, job: Job) -> None:
+        """Forget the job's plan: its run was recorded, or its files were removed again."""
+        with self.store.transaction():
+            self.store.conn.execute("UPDATE jobs SET publishing = NULL WHERE id = ?", (job.id,))
+
+    def pending_plans(self) -> list[tuple[Job, str]]:
+        """Running jobs with a recorded plan (their publication was cut short), by id."""
+        rows = self.store.db.query(
+            "SELECT * FROM jobs WHERE publishing IS NOT NULL AND state = 'running' ORDER BY id"
+        )
+        return [(Job.from_row(row), row["publishing"]) for row in rows]
+
     # ------------------------------------------------------------ internals
 
     def _now(self) -> str:

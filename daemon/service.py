@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import queue as threadqueue
-import re
 import secrets
 import signal
 import threading
@@ -25,16 +23,20 @@ from typing import Any
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.logs import escape_controls
-from daemon.outputs import TEMP_MARKER, existing_versions, temp_name, temp_prefix
+from daemon.publish import (
+    Finished,
+    PublicationError,
+    Publisher,
+    remove_stem_temps,
+    remove_stray_temps,
+    remove_written,
+)
 from daemon.queue import Job, JobQueue
 from daemon.schedule import ActiveHours, Schedules
 from daemon.store import (
     OutputFile,
     Store,
-    canonical_json,
-    db_path,
     open_database,
-    path_from_db,
     utc_now,
 )
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
@@ -47,7 +49,7 @@ from daemon.worker import (
     not_the_files_fault,
 )
 from pipeline.chain import Chain
-from pipeline.files import fsync_dir, fsync_file, sha256_file
+from pipeline.files import sha256_file
 
 __all__ = ["Daemon", "DaemonError", "LockHeldError", "code_version", "recipe_of", "state_dir"]
 
@@ -174,6 +176,7 @@ class Daemon:
         self._owner = f"{os.uname().nodename}:{os.getpid()}"
         self.store: Store | None = None
         self.queue: JobQueue | None = None
+        self.publisher: Publisher | None = None
         self.recipe_sha256 = ""
         self.failures = 0
         self._loop_at = time.monotonic()
@@ -213,6 +216,13 @@ class Daemon:
         recipe = recipe_of(self.config, chain, self.preset)
         _verify_models(self.config, chain)
         self.recipe_sha256 = self.store.record_recipe(recipe)
+        self.publisher = Publisher(
+            self.store,
+            self.queue,
+            code_version=code_version(),
+            provenance_sidecar=cfg.provenance_sidecar,
+            clock=self._clock,
+        )
         self._recover()
         settings = WorkerSettings(
             self.config.model_dump(mode="json"),
@@ -479,7 +489,7 @@ class Daemon:
             return
         job, task = running.job, running.task
         if isinstance(event, WorkerDied):
-            _remove_stem_temps(Path(task.dest_dir), task.stem)
+            remove_stem_temps(Path(task.dest_dir), task.stem)
             reason = f"worker died (exit code {event.exitcode}) while processing {job.path}"
             log.error("worker_died path=%s exit=%s", safe_name(job.path), event.exitcode)
             self._record(job, running, "died", error=reason)
@@ -531,193 +541,50 @@ class Daemon:
         )
 
     def _publish(self, job: Job, running: _Running, outcome: Outcome) -> None:
-        """Plan (recorded), link every file at one fresh version, then record the run. When
-        the filesystem fails on the way (disk full, permissions, a share gone) nothing of the
-        run is left published and the job is retried later: the image is not at fault."""
-        assert self.store is not None and self.queue is not None
-        plan: dict[str, Any] = {"files": [dict(item) for item in outcome.files]}
+        """Publish the run's files at one fresh version and record it. When the filesystem
+        fails on the way (disk full, permissions, a share gone) nothing of the run is left
+        published and the job is retried later, unless the cause is permanent (a name too long
+        for a versioned output)."""
+        assert self.publisher is not None and self.queue is not None
+        task = running.task
+        finished = Finished(
+            job=job,
+            run_token=task.run_id,
+            started_at=running.started_at,
+            dest_dir=Path(task.dest_dir),
+            stem=task.stem,
+            files=outcome.files,
+            stages=tuple(outcome.stages),
+            device=outcome.device,
+        )
         try:
-            job, plan = self._plan_and_link(job, running, outcome, plan)
-        except OSError as exc:
-            self._unpublish(job, running, outcome, plan, exc)
+            plan = self.publisher.publish(finished)
+        except PublicationError as exc:
+            error = f"{task.source}: publishing in {task.dest_dir} failed: {exc.cause}"
+            log.error("failed path=%s error=%s", safe_name(job.path), _one_line(error))
+            self._record(job, running, "failed", error=error, outcome=outcome)
+            self.queue.fail(job, error, retryable=not_the_files_fault(exc.cause))
+            self.failures += 1
             return
-        self._complete_publication(job, plan)
         log.info(
             "published path=%s version=%d output=%s seconds=%.2f",
             safe_name(job.path),
-            plan["files"][0]["version"],
-            safe_name(plan["files"][0]["relative"]),
+            plan.version,
+            safe_name(plan.files[0].relative),
             outcome.seconds,
         )
-
-    def _unpublish(
-        self, job: Job, running: _Running, outcome: Outcome, plan: dict[str, Any], exc: OSError
-    ) -> None:
-        """Undo a publication the filesystem cut short: unlink the final names this run linked
-        (never recorded as outputs), drop its temporary files, and fail the job: retried
-        later, unless the cause is permanent (a name too long for a versioned output)."""
-        assert self.store is not None and self.queue is not None
-        for item in plan["files"]:
-            final, temp = Path(item.get("final", "")), Path(item["temp"])
-            with contextlib.suppress(OSError):
-                if "final" in item and os.path.samefile(final, temp):
-                    final.unlink()
-            temp.unlink(missing_ok=True)
-        with self.store.transaction():
-            self.store.conn.execute("UPDATE jobs SET publishing = NULL WHERE id = ?", (job.id,))
-        error = f"{running.task.source}: publishing in {running.task.dest_dir} failed: {exc}"
-        log.error("failed path=%s error=%s", safe_name(job.path), _one_line(error))
-        self._record(job, running, "failed", error=error, outcome=outcome)
-        self.queue.fail(job, error, retryable=not_the_files_fault(exc))
-        self.failures += 1
-
-    def _plan_and_link(
-        self, job: Job, running: _Running, outcome: Outcome, plan: dict[str, Any]
-    ) -> tuple[Job, dict[str, Any]]:
-        """`plan` holds the files made so far, so that a failure can remove them."""
-        assert self.store is not None and self.queue is not None
-        task = running.task
-        dest = Path(task.dest_dir)
-        relative_dir = Path(job.path).parent
-        number = self._next_version(dest, relative_dir, task.stem, outcome)
-        files = plan["files"]
-        if self.config.daemon.provenance_sidecar:
-            files.append(self._provenance_sidecar(job, running, outcome, number))
-        plan |= {
-            "run_token": task.run_id,
-            "started_at": running.started_at.isoformat(),
-            "device": outcome.device,
-            "stages": outcome.stages,
-            "files": [
-                {
-                    **item,
-                    "final": str(dest / f"{task.stem}.v{number}{item['suffix']}"),
-                    "relative": str(relative_dir / f"{task.stem}.v{number}{item['suffix']}"),
-                    "version": number,
-                }
-                for item in files
-            ],
-        }
-        with self.store.transaction():
-            job = self.queue.heartbeat(job)
-            self.store.conn.execute(
-                "UPDATE jobs SET publishing = ? WHERE id = ?", (canonical_json(plan), job.id)
-            )
-        _link_all(plan)
-        return job, plan
-
-    def _complete_publication(self, job: Job, plan: dict[str, Any]) -> None:
-        assert self.store is not None and self.queue is not None
-        outputs = tuple(
-            OutputFile(
-                item["relative"], item["version"], item["sha256"], item["bytes"], item["kind"]
-            )
-            for item in plan["files"]
-        )
-        with self.store.transaction():
-            self.store.record_run(
-                source_sha256=job.source_sha256,
-                path=job.path,
-                recipe_sha256=job.recipe_sha256,
-                status="done",
-                started_at=datetime.fromisoformat(plan["started_at"]),
-                finished_at=self._clock(),
-                code_version=code_version(),
-                device=plan["device"],
-                job_id=job.id,
-                run_token=plan["run_token"],
-                stages=plan["stages"],
-                outputs=outputs,
-            )
-            self.store.conn.execute("UPDATE jobs SET publishing = NULL WHERE id = ?", (job.id,))
-            self.queue.complete(job)
-
-    def _next_version(self, dest: Path, relative_dir: Path, stem: str, outcome: Outcome) -> int:
-        """A version never used by a file on disk nor by any recorded output of this stem."""
-        assert self.store is not None
-        taken = existing_versions(dest, stem)
-        prefix = str(relative_dir / f"{stem}.v")
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-        stored = db_path(prefix)  # bytes (a BLOB, measured in bytes) for a name not UTF-8
-        rows = self.store.conn.execute(
-            "SELECT path FROM outputs WHERE substr(path, 1, ?) = ?", (len(stored), stored)
-        )
-        taken |= {int(m.group(1)) for (p,) in rows if (m := pattern.match(path_from_db(p)))}
-        number = max(taken, default=0) + 1
-        suffixes = [item["suffix"] for item in outcome.files] + [".json"]
-        while any((dest / f"{stem}.v{number}{suffix}").exists() for suffix in suffixes):
-            number += 1
-        return number
-
-    def _provenance_sidecar(
-        self, job: Job, running: _Running, outcome: Outcome, number: int
-    ) -> dict[str, Any]:
-        task = running.task
-        document = {
-            "run_id": task.run_id,
-            "source": {"path": job.path, "sha256": job.source_sha256},
-            "recipe_sha256": job.recipe_sha256,
-            "recipe": self._recipe_json(job.recipe_sha256),
-            "version": number,
-            "outputs": [
-                {
-                    "kind": item["kind"],
-                    "name": f"{task.stem}.v{number}{item['suffix']}",
-                    "sha256": item["sha256"],
-                    "bytes": item["bytes"],
-                }
-                for item in outcome.files
-            ],
-            "stages": outcome.stages,
-            "device": outcome.device,
-            "started_at": running.started_at.isoformat(),
-            "code_version": code_version(),
-        }
-        temp = Path(task.dest_dir) / temp_name(task.stem, ".json")
-        data = (json.dumps(document, indent=2, ensure_ascii=True) + "\n").encode()
-        try:
-            temp.write_bytes(data)
-            fsync_file(temp)
-        except OSError:
-            temp.unlink(missing_ok=True)
-            raise
-        return {
-            "kind": "provenance",
-            "temp": str(temp),
-            "suffix": ".json",
-            "sha256": sha256_file(temp),
-            "bytes": len(data),
-        }
-
-    def _recipe_json(self, recipe_sha: str) -> Any:
-        assert self.store is not None
-        row = self.store.conn.execute(
-            "SELECT recipe_json FROM recipes WHERE recipe_sha256 = ?", (recipe_sha,)
-        ).fetchone()
-        return json.loads(row[0]) if row else None
 
     # ------------------------------------------------------------------ recovery, shutdown
 
     def _recover(self) -> None:
         """After a crash: finish recorded publications, return leases of the dead to the
         queue, and remove temporary files no plan refers to."""
-        assert self.store is not None and self.queue is not None
-        rows = self.store.conn.execute(
-            "SELECT id, publishing FROM jobs WHERE publishing IS NOT NULL AND state = 'running'"
-        ).fetchall()
-        for job_id, text in rows:
-            job, plan = self.queue.get(job_id), json.loads(text)
-            if _link_all(plan, recovering=True):
-                self._complete_publication(job, plan)
-                log.info("recovered publication path=%s", safe_name(job.path))
-            else:
-                with self.store.transaction():
-                    self.store.conn.execute(
-                        "UPDATE jobs SET publishing = NULL WHERE id = ?", (job_id,)
-                    )
+        assert self.publisher is not None and self.queue is not None
+        for job in self.publisher.recover():
+            log.info("recovered publication path=%s", safe_name(job.path))
         for job in self.queue.requeue_expired(penalise=False):
             log.warning("requeued path=%s after a crash", safe_name(job.path))
-        removed = _remove_stray_temps(self.output)
+        removed = remove_stray_temps(self.output)
         if removed:
             log.info("removed %d leftover temporary files", removed)
 
@@ -732,7 +599,7 @@ class Daemon:
                 self._finish(event)
         for task in pool.stop(0 if self._running else timeout):
             running = self._running.pop(task.job_id, None)
-            _remove_stem_temps(Path(task.dest_dir), task.stem)
+            remove_stem_temps(Path(task.dest_dir), task.stem)
             if running is not None:
                 self.queue.release(running.job)
                 log.info("abandoned path=%s back to the queue", safe_name(running.job.path))
@@ -748,54 +615,9 @@ def _hash_or_none(path: Path) -> str | None:
         return None
 
 
-def _link_all(plan: dict[str, Any], *, recovering: bool = False) -> bool:
-    """Link each planned temp to its final name (never replacing a file), then drop the temps.
-    True when every final file exists with its planned hash."""
-    complete = True
-    directories = set()
-    for item in plan["files"]:
-        temp, final = Path(item["temp"]), Path(item["final"])
-        directories.add(final.parent)
-        if final.exists():
-            if recovering and sha256_file(final) == item["sha256"]:
-                continue
-            if not recovering:
-                raise FileExistsError(f"{final}: exists; refusing to overwrite")
-            complete = False
-            continue
-        if temp.exists() and (not recovering or sha256_file(temp) == item["sha256"]):
-            os.link(temp, final)
-        else:
-            complete = False
-    for directory in directories:
-        fsync_dir(directory)
-    for item in plan["files"]:
-        Path(item["temp"]).unlink(missing_ok=True)
-    return complete
-
-
 def _remove_temps(event: Outcome | WorkerDied) -> None:
     if isinstance(event, Outcome):
-        for item in event.files:
-            Path(item["temp"]).unlink(missing_ok=True)
-
-
-def _remove_stem_temps(directory: Path, stem: str) -> None:
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            if entry.name.startswith(temp_prefix(stem)) and TEMP_MARKER in entry.name:
-                Path(entry.path).unlink(missing_ok=True)
-
-
-def _remove_stray_temps(root: Path) -> int:
-    removed = 0
-    for folder, _dirs, names in os.walk(root):
-        for name in names:
-            if name.startswith("._") and TEMP_MARKER in name:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
-                    removed += 1
-    return removed
+        remove_written(event.files)
 
 
 def _one_line(text: str | None) -> str:

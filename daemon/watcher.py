@@ -24,7 +24,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.fsinfo import filesystem_type, is_network_filesystem
-from daemon.outputs import TEMP_MARKER
+from daemon.publish import TEMP_MARKER
 
 __all__ = [
     "DEFAULT_IGNORED_NAMES",

@@ -21,8 +21,9 @@ import numpy as np
 
 from daemon import worker_entry
 from daemon.logs import log_to_stderr
-from daemon.outputs import temp_name
-from pipeline.files import fsync_file, sha256_file
+from daemon.publish import WrittenFile, write_temp
+from daemon.store.provenance import OutputKind
+from pipeline.files import sha256_file
 
 __all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings", "not_the_files_fault"]
 
@@ -74,7 +75,7 @@ class Outcome:
     error: str | None = None
     error_type: str | None = None
     retryable: bool = True
-    files: list[dict[str, Any]] = field(default_factory=list)
+    files: tuple[WrittenFile, ...] = ()
     stages: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     device: str | None = None
@@ -318,7 +319,7 @@ class _Runner:
         return Outcome(
             task,
             "ok",
-            files=files,
+            files=tuple(files),
             stages=stages,
             seconds=time.perf_counter() - started,
             device=ctx.device,
@@ -340,19 +341,15 @@ class _Runner:
 
     @staticmethod
     def _write(
-        task: Task, temps: list[Path], kind: str, suffix: str, write: Callable[[Path], object]
-    ) -> dict[str, Any]:
-        temp = Path(task.dest_dir) / temp_name(task.stem, suffix)
-        temps.append(temp)
-        write(temp)
-        fsync_file(temp)
-        return {
-            "kind": kind,
-            "temp": str(temp),
-            "suffix": suffix,
-            "sha256": sha256_file(temp),
-            "bytes": temp.stat().st_size,
-        }
+        task: Task,
+        temps: list[Path],
+        kind: OutputKind,
+        suffix: str,
+        write: Callable[[Path], object],
+    ) -> WrittenFile:
+        written = write_temp(Path(task.dest_dir), task.stem, kind, suffix, write)
+        temps.append(written.temp)
+        return written
 
 
 def _source_change(task: Task) -> str | None:

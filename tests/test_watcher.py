@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.outputs import TEMP_MARKER
+from daemon.publish import TEMP_MARKER
 from daemon.watcher import (
     IgnoreRules,
     ReadyFile,

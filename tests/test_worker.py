@@ -13,7 +13,7 @@ from conftest import shared_file
 from modelfactory import nearest_compact
 
 from daemon.config import Config
-from daemon.outputs import TEMP_MARKER
+from daemon.publish import TEMP_MARKER
 from daemon.worker import Outcome, Task, WorkerDied, WorkerPool, WorkerSettings
 from pipeline.files import sha256_file
 from pipeline.image import decode
@@ -67,9 +67,9 @@ def test_a_task_yields_fsynced_temporary_files_with_hashes_and_stamped_provenanc
     outcome = _one_event(pool)
     assert isinstance(outcome, Outcome) and outcome.status == "ok", outcome
     (image,) = outcome.files
-    temp = Path(image["temp"])
+    temp = image.temp
     assert temp.parent == tmp_path / "out" and TEMP_MARKER in temp.name
-    assert image["sha256"] == sha256_file(temp) and image["suffix"] == ".png"
+    assert image.sha256 == sha256_file(temp) and image.suffix == ".png"
     written, original = decode(temp), decode(source)
     assert written.pixels.shape == (original.height * 2, original.width * 2, 3)
     assert np.array_equal(written.pixels[::2, ::2], original.pixels)  # exact nearest 2x model

@@ -6,7 +6,6 @@ import os
 import secrets
 from pathlib import Path
 
-from daemon.outputs import TEMP_MARKER
 from daemon.store.connection import Connection
 from daemon.store.errors import BackupExistsError, StoreError
 from pipeline.files import fsync_dir, fsync_file, link_no_replace
@@ -26,6 +25,8 @@ class Backup(Connection):
         if self.conn.in_transaction:
             raise StoreError("backup cannot run inside a transaction (VACUUM INTO)")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        from daemon.publish import TEMP_MARKER  # daemon.publish imports this package
+
         temp = dest.parent / f"._{dest.name}{TEMP_MARKER}{secrets.token_hex(4)}"
         try:
             self.conn.execute("VACUUM INTO ?", (str(temp),))

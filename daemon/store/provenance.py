@@ -4,6 +4,7 @@ with their stages and outputs, events), what is written to them and the queries 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -406,6 +407,24 @@ class Provenance(Connection):
             (source_sha256, recipe_sha256),
         )
         return runs[-1] if runs else None
+
+    def recipe(self, recipe_sha256: str) -> dict[str, Any] | None:
+        """The recipe recorded under this hash, None if there is none."""
+        row = self.conn.execute(
+            "SELECT recipe_json FROM recipes WHERE recipe_sha256 = ?", (recipe_sha256,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def recorded_versions(self, stem_path: str) -> set[int]:
+        """The version numbers of every output recorded as `<stem_path>.v<N>.<suffix>`
+        (`stem_path` relative to the output root, like the outputs' paths)."""
+        prefix = f"{stem_path}.v"
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        stored = db_path(prefix)  # bytes (a BLOB, measured in bytes) for a name not UTF-8
+        rows = self.conn.execute(
+            "SELECT path FROM outputs WHERE substr(path, 1, ?) = ?", (len(stored), stored)
+        )
+        return {int(m.group(1)) for (p,) in rows if (m := pattern.match(path_from_db(p)))}
 
     def recent_runs(self, *, status: RunStatus | None = None, limit: int = 20) -> list[RunRecord]:
         """The latest runs, newest first (status="failed" for the CLI's recent failures)."""
