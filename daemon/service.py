@@ -9,12 +9,10 @@ import fcntl
 import logging
 import os
 import queue as threadqueue
-import secrets
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,32 +20,14 @@ from typing import Any
 
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
-from daemon.logs import escape_controls
-from daemon.publish import (
-    Finished,
-    PublicationError,
-    Publisher,
-    remove_stem_temps,
-    remove_stray_temps,
-    remove_written,
-)
-from daemon.queue import Job, JobQueue
-from daemon.schedule import ActiveHours, Schedules
-from daemon.store import (
-    OutputFile,
-    Store,
-    open_database,
-    utc_now,
-)
+from daemon.ingest import IngestError, Intake
+from daemon.publish import Publisher, remove_stray_temps
+from daemon.queue import JobQueue
+from daemon.schedule import Schedules
+from daemon.session import Session
+from daemon.store import Store, open_database, utc_now
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
-from daemon.worker import (
-    Outcome,
-    Task,
-    WorkerDied,
-    WorkerPool,
-    WorkerSettings,
-    not_the_files_fault,
-)
+from daemon.worker import WorkerPool, WorkerSettings
 from pipeline.chain import Chain
 from pipeline.files import sha256_file
 
@@ -133,14 +113,6 @@ def instance_lock(directory: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-@dataclass
-class _Running:
-    job: Job
-    task: Task
-    started_at: datetime
-    beat_at: float = field(default_factory=time.monotonic)
-
-
 class Daemon:
     """Runs until `stop()` (or SIGTERM/SIGINT via `install_signal_handlers`)."""
 
@@ -170,18 +142,9 @@ class Daemon:
         self._clock = clock
         self._stop = threading.Event()
         self._ready: threadqueue.SimpleQueue[ReadyFile | Refusal] = threadqueue.SimpleQueue()
-        self._live_watcher: Watcher | None = None
-        self._unreadable: dict[str, str] = {}  # path -> the error last recorded for it
-        self._running: dict[int, _Running] = {}
-        self._owner = f"{os.uname().nodename}:{os.getpid()}"
-        self.store: Store | None = None
-        self.queue: JobQueue | None = None
-        self.publisher: Publisher | None = None
-        self.recipe_sha256 = ""
-        self.failures = 0
+        self.started = threading.Event()  # set once: recovered, workers and watcher up
+        self.failures = 0  # images failed in the last run (`watch --once` exits 1 if any)
         self._loop_at = time.monotonic()
-        self._status_at = float("-inf")
-        self._hours = ActiveHours.parse(config.schedule.active_hours)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,17 +159,16 @@ class Daemon:
         """Start, work until stopped (or, with `once`, until what was there is done), exit 0."""
         self._check_folders()
         with instance_lock(self.state):
-            self.store = open_database(self.state / "scanrestore.db", clock=self._clock)
+            store = open_database(self.state / "scanrestore.db", clock=self._clock)
             try:
-                return self._run_locked()
+                return self._run_locked(store)
             finally:
-                self.store.close()
+                store.close()
 
-    def _run_locked(self) -> int:
-        assert self.store is not None
+    def _run_locked(self, store: Store) -> int:
         cfg = self.config.daemon
-        self.queue = JobQueue(
-            self.store,
+        queue = JobQueue(
+            store,
             lease_seconds=cfg.lease_seconds,
             max_attempts=cfg.max_attempts,
             max_worker_deaths=cfg.max_worker_deaths,
@@ -215,15 +177,15 @@ class Daemon:
         chain = self.config.chain(self.preset)
         recipe = recipe_of(self.config, chain, self.preset)
         _verify_models(self.config, chain)
-        self.recipe_sha256 = self.store.record_recipe(recipe)
-        self.publisher = Publisher(
-            self.store,
-            self.queue,
+        recipe_sha256 = store.record_recipe(recipe)
+        publisher = Publisher(
+            store,
+            queue,
             code_version=code_version(),
             provenance_sidecar=cfg.provenance_sidecar,
             clock=self._clock,
         )
-        self._recover()
+        _recover(publisher, queue, self.output)
         settings = WorkerSettings(
             self.config.model_dump(mode="json"),
             preset=self.preset,
@@ -233,13 +195,39 @@ class Daemon:
             threads=self.config.processing.threads,
         )
         pool = WorkerPool(settings, cfg.workers)
-        watcher = self._live_watcher = self._watcher()
+        watcher = self._watcher()
         schedules = self._schedules(watcher)
+        session = Session(
+            self.config,
+            store=store,
+            queue=queue,
+            pool=pool,
+            publisher=publisher,
+            recipe_sha256=recipe_sha256,
+            input_root=self.input,
+            output_root=self.output,
+            software=f"scanrestore {code_version()}",
+            once=self.once,
+            stopping=self._stop,
+            notify=self._notify,
+            clock=self._clock,
+            owner=f"{os.uname().nodename}:{os.getpid()}",
+        )
+        intake = Intake(
+            self.config,
+            store,
+            queue,
+            watcher,
+            self._ready,
+            recipe_sha256=recipe_sha256,
+            input_root=self.input,
+            exclude=(self.output, self.state),
+        )
         log.info(
             "started input=%s output=%s recipe=%s workers=%d",
             safe_name(self.input),
             safe_name(self.output),
-            self.recipe_sha256[:12],
+            recipe_sha256[:12],
             cfg.workers,
         )
         try:
@@ -247,11 +235,13 @@ class Daemon:
                 watcher.start()
                 schedules.start()
             self._notify("READY=1")
-            self._loop(pool, watcher)
+            self.started.set()
+            self._loop(session, intake)
         finally:
             schedules.shutdown()
             watcher.stop()
-            self._shutdown(pool)
+            session.shutdown()
+            self.failures = session.failures
         log.info("stopped")
         return 0
 
@@ -325,300 +315,30 @@ class Daemon:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loop(self, pool: WorkerPool, watcher: Watcher) -> None:
+    def _loop(self, session: Session, intake: Intake) -> None:
         if self.once:
-            self._ingest_once()
+            try:
+                intake.scan_once()
+            except IngestError as exc:
+                raise DaemonError(str(exc)) from None
         while not self._stop.is_set():
             self._loop_at = time.monotonic()
-            self._report_status()
-            self._drain_ready()
-            self._dispatch(pool)
-            for event in pool.poll(0.2 if self._ready.empty() else 0.0):
-                self._finish(event)
-            self._heartbeat()
-            if self.once and not self._running and not self._claimable() and self._ready.empty():
+            session.report_status()
+            intake.drain(self.ingest_seconds)
+            session.dispatch()
+            session.collect(0.2 if self._ready.empty() else 0.0)
+            session.heartbeat()
+            if self.once and not session.busy() and not session.claimable() and self._ready.empty():
                 break
 
-    def _report_status(self) -> None:
-        assert self.queue is not None
-        if time.monotonic() - self._status_at < 5:
-            return
-        self._status_at = time.monotonic()
-        counts = self.queue.counts()
-        text = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("queued", "running", "failed", "done"))
-        if not self._window_open():
-            text += "; outside active hours"
-        self._notify(f"STATUS={text}")
 
-    def _ingest_once(self) -> None:
-        from daemon.watcher import run_once
-
-        result = run_once(
-            self.input,
-            stable_seconds=self.config.watch.stable_seconds,
-            patterns=self.config.watch.ignore,
-            exclude=(self.output, self.state),
-        )
-        for item in (*result.ready, *result.refused):
-            self._ready.put(item)
-        if not result.available:
-            raise DaemonError(f"{self.input}: the watched folder is unavailable")
-        assert self.store is not None
-        for path in result.pending:
-            empty = (
-                (self.input / path).stat().st_size == 0 if (self.input / path).exists() else False
-            )
-            reason = "empty (a placeholder still being written?)" if empty else "still changing"
-            log.info("waiting path=%s reason=%s", safe_name(path), reason)
-            self.store.record_event("waiting", path=path, detail={"reason": reason})
-
-    def _claimable(self) -> bool:
-        assert self.queue is not None
-        counts = self.queue.counts()
-        due = self.queue.next_due_at()
-        return bool(counts.get("queued")) or (due is not None and due <= self._clock())
-
-    def _drain_ready(self) -> None:
-        deadline = time.monotonic() + self.ingest_seconds
-        while True:
-            try:
-                item = self._ready.get_nowait()
-            except threadqueue.Empty:
-                return
-            if isinstance(item, Refusal):
-                self._refuse(item)
-            else:
-                self._ingest(item)
-            if time.monotonic() >= deadline:
-                return
-
-    def _refuse(self, item: Refusal) -> None:
-        assert self.store is not None
-        log.warning("refused path=%s reason=%s", safe_name(item.relative), item.reason)
-        self.store.record_event("refused", path=item.relative, detail={"reason": item.reason})
-
-    def _ingest(self, item: ReadyFile) -> None:
-        """Hash a settled file, record it, queue it unless these bytes were done already."""
-        assert self.store is not None and self.queue is not None
-        try:
-            sha = sha256_file(item.path, follow_symlinks=False)
-        except OSError as exc:
-            if self._unreadable.get(item.relative) != str(exc):  # once, not at every rescan
-                self._unreadable[item.relative] = str(exc)
-                log.warning(
-                    "unreadable path=%s error=%s", safe_name(item.relative), _one_line(str(exc))
-                )
-                detail = {"error": str(exc)}
-                self.store.record_event("unreadable", path=item.relative, detail=detail)
-            if self._live_watcher is not None:  # permissions get fixed: look again later
-                self._live_watcher.offer_again(item.relative)
-            return
-        self._unreadable.pop(item.relative, None)
-        modified = datetime.fromtimestamp(item.mtime_ns / 1e9).astimezone()
-        self.store.record_observation(item.relative, sha, size=item.size, modified_at=modified)
-        queued = self.queue.enqueue(item.relative, sha, self.recipe_sha256)
-        if queued.created:
-            log.info("queued path=%s sha256=%s", safe_name(item.relative), sha[:12])
-        elif queued.reason in ("done", "quarantined") and queued.job.path != item.relative:
-            log.info(
-                "duplicate path=%s of=%s state=%s",
-                safe_name(item.relative),
-                safe_name(queued.job.path),
-                queued.reason,
-            )
-            self.store.record_event(
-                "duplicate",
-                path=item.relative,
-                source_sha256=sha,
-                detail={"same_bytes_as": queued.job.path, "job_id": queued.job.id},
-            )
-
-    def _window_open(self) -> bool:
-        return self.once or self._hours.is_open()
-
-    def _dispatch(self, pool: WorkerPool) -> None:
-        assert self.queue is not None and self.store is not None
-        while pool.idle() and not self._stop.is_set() and self._window_open():
-            job = self.queue.claim(self._owner)
-            if job is None:
-                return
-            if job.recipe_sha256 != self.recipe_sha256:
-                # Queued under an older recipe: the bytes still deserve the current one.
-                self.queue.enqueue(job.path, job.source_sha256, self.recipe_sha256)
-                self.queue.discard(
-                    job, "recipe changed", current_sha256=job.source_sha256, delay_seconds=0
-                )
-                continue
-            done = (
-                None if job.force else self.store.done_run_for(job.source_sha256, job.recipe_sha256)
-            )
-            if done is not None:
-                self.queue.complete(job)
-                continue
-            relative = Path(job.path)
-            task = Task(
-                job_id=job.id,
-                run_id=secrets.token_hex(8),
-                source=str(self.input / relative),
-                source_sha256=job.source_sha256,
-                dest_dir=str(self.output / relative.parent),
-                stem=relative.stem,
-                recipe_sha256=job.recipe_sha256,
-                software=f"scanrestore {code_version()}",
-                mask=self.config.daemon.mask_sidecar,
-            )
-            self._running[job.id] = _Running(job, task, self._clock())
-            pool.submit(task)
-            log.info("processing path=%s job=%d", safe_name(job.path), job.id)
-
-    def _heartbeat(self) -> None:
-        assert self.queue is not None
-        interval = self.config.daemon.lease_seconds / 3
-        for running in self._running.values():
-            if time.monotonic() - running.beat_at >= interval:
-                running.job = self.queue.heartbeat(running.job)
-                running.beat_at = time.monotonic()
-
-    # ------------------------------------------------------------------ results
-
-    def _finish(self, event: Outcome | WorkerDied) -> None:
-        assert self.queue is not None and self.store is not None
-        running = self._running.pop(event.task.job_id, None)
-        if running is None:
-            _remove_temps(event)
-            return
-        job, task = running.job, running.task
-        if isinstance(event, WorkerDied):
-            remove_stem_temps(Path(task.dest_dir), task.stem)
-            reason = f"worker died (exit code {event.exitcode}) while processing {job.path}"
-            log.error("worker_died path=%s exit=%s", safe_name(job.path), event.exitcode)
-            self._record(job, running, "died", error=reason)
-            self.queue.worker_died(job, reason)
-            self.failures += 1
-        elif event.status == "ok":
-            self._publish(job, running, event)
-        elif event.status == "changed":
-            current = _hash_or_none(Path(task.source))
-            log.warning("changed path=%s run discarded", safe_name(job.path))
-            self._record(job, running, "discarded", error=event.error, outcome=event)
-            self.queue.discard(
-                job,
-                event.error or "source changed",
-                current_sha256=current,
-                delay_seconds=self.config.watch.stable_seconds,
-            )
-        else:
-            log.error("failed path=%s error=%s", safe_name(job.path), _one_line(event.error))
-            self._record(job, running, "failed", error=event.error, outcome=event)
-            self.queue.fail(job, event.error or "failed", retryable=event.retryable)
-            self.failures += 1
-
-    def _record(
-        self,
-        job: Job,
-        running: _Running,
-        status: str,
-        *,
-        error: str | None = None,
-        outcome: Outcome | None = None,
-        outputs: tuple[OutputFile, ...] = (),
-    ) -> int:
-        assert self.store is not None
-        return self.store.record_run(
-            source_sha256=job.source_sha256,
-            path=job.path,
-            recipe_sha256=job.recipe_sha256,
-            status=status,  # type: ignore[arg-type]
-            started_at=running.started_at,
-            finished_at=self._clock(),
-            code_version=code_version(),
-            device=outcome.device if outcome else None,
-            error=error,
-            job_id=job.id,
-            run_token=running.task.run_id,
-            stages=outcome.stages if outcome else (),
-            outputs=outputs,
-        )
-
-    def _publish(self, job: Job, running: _Running, outcome: Outcome) -> None:
-        """Publish the run's files at one fresh version and record it. When the filesystem
-        fails on the way (disk full, permissions, a share gone) nothing of the run is left
-        published and the job is retried later, unless the cause is permanent (a name too long
-        for a versioned output)."""
-        assert self.publisher is not None and self.queue is not None
-        task = running.task
-        finished = Finished(
-            job=job,
-            run_token=task.run_id,
-            started_at=running.started_at,
-            dest_dir=Path(task.dest_dir),
-            stem=task.stem,
-            files=outcome.files,
-            stages=tuple(outcome.stages),
-            device=outcome.device,
-        )
-        try:
-            plan = self.publisher.publish(finished)
-        except PublicationError as exc:
-            error = f"{task.source}: publishing in {task.dest_dir} failed: {exc.cause}"
-            log.error("failed path=%s error=%s", safe_name(job.path), _one_line(error))
-            self._record(job, running, "failed", error=error, outcome=outcome)
-            self.queue.fail(job, error, retryable=not_the_files_fault(exc.cause))
-            self.failures += 1
-            return
-        log.info(
-            "published path=%s version=%d output=%s seconds=%.2f",
-            safe_name(job.path),
-            plan.version,
-            safe_name(plan.files[0].relative),
-            outcome.seconds,
-        )
-
-    # ------------------------------------------------------------------ recovery, shutdown
-
-    def _recover(self) -> None:
-        """After a crash: finish recorded publications, return leases of the dead to the
-        queue, and remove temporary files no plan refers to."""
-        assert self.publisher is not None and self.queue is not None
-        for job in self.publisher.recover():
-            log.info("recovered publication path=%s", safe_name(job.path))
-        for job in self.queue.requeue_expired(penalise=False):
-            log.warning("requeued path=%s after a crash", safe_name(job.path))
-        removed = remove_stray_temps(self.output)
-        if removed:
-            log.info("removed %d leftover temporary files", removed)
-
-    def _shutdown(self, pool: WorkerPool) -> None:
-        """Stop claiming; let the current images finish within the stop timeout, then abandon
-        the rest cleanly (back to the queue, temporary files removed)."""
-        assert self.queue is not None
-        timeout = self.config.daemon.stop_timeout
-        if self._running:
-            self._notify("STOPPING=1\nSTATUS=finishing the current image")
-            for event in pool.drain(timeout):
-                self._finish(event)
-        for task in pool.stop(0 if self._running else timeout):
-            running = self._running.pop(task.job_id, None)
-            remove_stem_temps(Path(task.dest_dir), task.stem)
-            if running is not None:
-                self.queue.release(running.job)
-                log.info("abandoned path=%s back to the queue", safe_name(running.job.path))
-
-
-# ------------------------------------------------------------------ files
-
-
-def _hash_or_none(path: Path) -> str | None:
-    try:
-        return sha256_file(path, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def _remove_temps(event: Outcome | WorkerDied) -> None:
-    if isinstance(event, Outcome):
-        remove_written(event.files)
-
-
-def _one_line(text: str | None) -> str:
-    return escape_controls(text or "")
+def _recover(publisher: Publisher, queue: JobQueue, output: Path) -> None:
+    """After a crash: finish recorded publications, return leases of the dead to the queue,
+    and remove temporary files no plan refers to."""
+    for job in publisher.recover():
+        log.info("recovered publication path=%s", safe_name(job.path))
+    for job in queue.requeue_expired(penalise=False):
+        log.warning("requeued path=%s after a crash", safe_name(job.path))
+    removed = remove_stray_temps(output)
+    if removed:
+        log.info("removed %d leftover temporary files", removed)

@@ -467,7 +467,7 @@ def test_wall_clock_jumps_neither_stall_nor_repeat_queued_work(site):
     runner = threading.Thread(target=service.run, name="daemon under test")
     runner.start()
     try:
-        wait_for(lambda: service.queue is not None, "the daemon to start")
+        wait_for(lambda: service.started.is_set(), "the daemon to start")
         big_scan(site.scans / "big.png")  # keeps the one worker busy ...
         wait_for(lambda: job_state(site, "big.png") == "running", "the first file to run")
         drop(site, "early.png")  # ... while this one waits in the queue
