@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import StageError
 from pipeline.image import Image
+from pipeline.models import ModelStore, TrustedModels
 from pipeline.stage import Stage, StageContext
 from pipeline.stages import STAGES
 
@@ -78,6 +79,11 @@ class Chain:
         ]
         if problems:
             raise ChainConfigError(problems)
+
+    def prepare_models(self, store: ModelStore) -> TrustedModels:
+        """The chain's models, each hashed once now and bound to that hash for every image
+        (the policy is `pipeline.models.trust`'s); pass the result as `StageContext.models`."""
+        return TrustedModels.prepare(store, [ref for _, ref in self.models()])
 
     def run(self, image: Image, ctx: StageContext) -> ChainResult:
         records: list[StageRecord] = []

@@ -50,6 +50,7 @@ class HashMismatchError(ModelError):
     """Bytes on disk or on the wire do not have the SHA-256 the registry expects."""
 
     def __init__(self, what: str, expected: str, actual: str) -> None:
+        self.what = what
         self.expected = expected
         self.actual = actual
         super().__init__(f"{what}: sha256 mismatch: expected {expected}, got {actual}")

@@ -20,6 +20,7 @@ from pipeline.models.store import (
     VerifyStatus,
     default_cache_dir,
 )
+from pipeline.models.trust import TrustedModels
 
 __all__ = [
     "REGISTRY",
@@ -30,6 +31,7 @@ __all__ = [
     "Origin",
     "Purpose",
     "ResolvedModel",
+    "TrustedModels",
     "VerifyResult",
     "VerifyStatus",
     "build_registry",

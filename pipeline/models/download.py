@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.errors import DownloadError, HashMismatchError
+from pipeline.errors import DownloadError
 from pipeline.files import replace_durably, temp_beside
 from pipeline.models.spec import ModelSpec
+from pipeline.models.trust import check_sha256
 
 __all__ = ["USER_AGENT", "download", "hash_stream"]
 
@@ -85,7 +86,7 @@ def download(
                     f"{spec.id}: transfer from {spec.url} cut short or oversized: "
                     f"got {size} bytes, expected {expected_size}"
                 )
-        if spec.sha256 is not None and sha != spec.sha256:
-            raise HashMismatchError(f"{spec.id} (downloaded from {spec.url})", spec.sha256, sha)
+        if spec.sha256 is not None:
+            check_sha256(f"{spec.id} (downloaded from {spec.url})", spec.sha256, sha)
         replace_durably(handle, temp, final)
     return sha, size

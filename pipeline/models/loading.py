@@ -1,19 +1,20 @@
 """Safe loading: weights deserialised without executing code (safetensors or torch's weights-only
-unpickler), then unwrapped from the containers upstream training code saves them in."""
+unpickler) from bytes checked against their hash, then unwrapped from upstream's containers."""
 
 from __future__ import annotations
 
-import hashlib
+import io
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import HashMismatchError, ModelError, ModelNotAvailableError
+from pipeline.errors import ModelError
+from pipeline.models.trust import read_trusted
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["deserialize", "is_safetensors", "read_verified", "unwrap", "unwrap_state_dict"]
+__all__ = ["deserialize", "is_safetensors", "load_weights", "unwrap", "unwrap_state_dict"]
 
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict")
 
@@ -23,42 +24,31 @@ def is_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and not head.startswith(b"PK")
 
 
-def deserialize(handle: IO[bytes], what: str) -> dict[str, Any]:
-    """Read weights without executing code: safetensors, or torch's weights-only unpickler.
+def deserialize(data: bytes, what: str) -> dict[str, Any]:
+    """Weights from bytes, without executing code: safetensors, or torch's weights-only unpickler.
 
     spandrel's `load_from_file` is avoided on purpose: it hands `.pt` files to `torch.jit.load`.
     """
     import torch
 
-    head = handle.read(16)
-    handle.seek(0)
     try:
-        if is_safetensors(head):
+        if is_safetensors(data[:16]):
             from safetensors.torch import load as load_safetensors
 
-            data: object = load_safetensors(handle.read())
+            loaded: object = load_safetensors(data)
         else:
-            data = torch.load(handle, map_location="cpu", weights_only=True)
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     # The bytes are untrusted input: whatever the unpickler or parser throws means "not weights".
     except Exception as exc:
         raise ModelError(f"{what}: not a loadable weights file: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"{what}: holds a {type(data).__name__}, not a state dict")
-    return data
+    if not isinstance(loaded, dict):
+        raise ModelError(f"{what}: holds a {type(loaded).__name__}, not a state dict")
+    return loaded
 
 
-def read_verified(path: Path, expected: str | None, what: str) -> tuple[dict[str, Any], str]:
-    """Hash then deserialize through one open file, so the bytes checked are the bytes loaded."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
-    except FileNotFoundError as exc:
-        raise ModelNotAvailableError(f"{what}: {path} does not exist") from exc
-    with handle:
-        actual = hashlib.file_digest(handle, "sha256").hexdigest()
-        if expected is not None and actual != expected:
-            raise HashMismatchError(f"{what} ({path})", expected, actual)
-        handle.seek(0)
-        return deserialize(handle, f"{what} ({path})"), actual
+def load_weights(path: Path, expected: str, what: str) -> dict[str, Any]:
+    """The state dict in `path`, deserialised from the very bytes checked against `expected`."""
+    return deserialize(read_trusted(path, expected, what), f"{what} ({path})")
 
 
 def unwrap(data: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -19,7 +19,7 @@ from pipeline.errors import (
     ModelNotAvailableError,
     UnknownModelError,
 )
-from pipeline.files import replace_durably, sha256_file, temp_beside
+from pipeline.files import replace_durably, temp_beside
 from pipeline.models.architectures import (
     Detected,
     build_from_state_dict,
@@ -36,9 +36,10 @@ from pipeline.models.catalogue import (
     spec_from_record,
 )
 from pipeline.models.download import download, hash_stream
-from pipeline.models.loading import deserialize, is_safetensors, read_verified, unwrap_state_dict
+from pipeline.models.loading import deserialize, is_safetensors, load_weights, unwrap_state_dict
 from pipeline.models.registry import REGISTRY
 from pipeline.models.spec import ModelSpec, ResolvedModel
+from pipeline.models.trust import check_sha256, fingerprint, read_trusted
 
 if TYPE_CHECKING:
     import torch
@@ -161,15 +162,22 @@ class ModelStore:
 
     # --- resolve
 
-    def resolve(self, ref: str | os.PathLike[str]) -> ResolvedModel:
-        """Turn a model id, or a path to a weights file, into a file and its expected hash."""
+    def resolve(self, ref: str | os.PathLike[str], *, sha256: str | None = None) -> ResolvedModel:
+        """Turn a model id, or a path to a weights file, into a file and its expected hash.
+
+        `sha256` is a hash already bound to `ref` (see `pipeline.models.trust`): a path is then
+        not hashed again, and an id whose pinned hash is no longer that one is refused.
+        """
         text = os.fspath(ref)
         specs = self.specs()
         if text in specs:
-            return self._resolve_spec(specs[text])
+            resolved = self._resolve_spec(specs[text])
+            if sha256 is not None:
+                check_sha256(f"{resolved.id} ({resolved.path})", sha256, resolved.sha256)
+            return resolved
         candidate = Path(text).expanduser()
         if candidate.is_file():
-            return self._resolve_file(candidate, specs)
+            return self._resolve_file(candidate, specs, sha256)
         raise UnknownModelError(
             f"{text!r} is neither a known model id nor a file (known ids: {', '.join(specs)})"
         )
@@ -207,17 +215,18 @@ class ModelStore:
             )
         return ResolvedModel(spec.id, spec, path, spec.sha256)
 
-    def _resolve_file(self, path: Path, specs: Mapping[str, ModelSpec]) -> ResolvedModel:
+    def _resolve_file(
+        self, path: Path, specs: Mapping[str, ModelSpec], sha256: str | None
+    ) -> ResolvedModel:
         path = path.resolve()
-        sha = sha256_file(path)
+        sha = sha256 or fingerprint(path)
         for spec in specs.values():
             if spec.sha256 == sha:  # a copy of a known model keeps that model's id and licence
                 return ResolvedModel(spec.id, spec, path, sha)
         detected = self._detected.get(sha)
         if detected is None:
-            state_dict, actual = read_verified(path, sha, str(path))
-            detected = detect(state_dict, str(path))
-            self._detected[actual] = detected
+            detected = detect(load_weights(path, sha, f"file:{path.name}"), str(path))
+            self._detected[sha] = detected
         spec = ModelSpec(
             id=f"file:{path.name}",
             url=None,
@@ -252,7 +261,7 @@ class ModelStore:
             )
         final = self.path_for(spec)
         if spec.sha256 is not None and final.is_file():
-            actual = sha256_file(final)
+            actual = fingerprint(final)
             if actual == spec.sha256:
                 return final
             _log.warning(
@@ -326,10 +335,9 @@ class ModelStore:
         unpinned = official_to_pin(source, sha, model_id, specs)
         assert model_id is not None  # official_to_pin refuses a missing id
         what = f"{source} (importing as {model_id})"
-        with open(staged, "rb") as reader:
-            detected = detect(deserialize(reader, what), what)
-            reader.seek(0)
-            suffix = ".safetensors" if is_safetensors(reader.read(16)) else ".pth"
+        data = read_trusted(staged, sha, what)  # the bytes hashed as they were copied
+        detected = detect(deserialize(data, what), what)
+        suffix = ".safetensors" if is_safetensors(data[:16]) else ".pth"
         if unpinned is not None:
             if (detected.architecture, detected.scale) != (unpinned.architecture, unpinned.scale):
                 raise ArchitectureMismatchError(
@@ -376,7 +384,7 @@ class ModelStore:
                 if spec.origin == "custom":
                     results.append(VerifyResult(spec, path, "missing", None))
                 continue
-            actual = sha256_file(path)
+            actual = fingerprint(path)
             if spec.sha256 is None:
                 status: VerifyStatus = "unpinned"
             else:
@@ -392,14 +400,16 @@ class ModelStore:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        sha256: str | None = None,
     ) -> LoadedModel:
-        """Hash-check, then build the model on `device` in `dtype` (float32 by default).
+        """Build the model on `device` in `dtype` (float32 by default) from bytes checked against
+        its hash (`sha256`: one bound earlier, see `resolve`).
 
         Memoised by (sha256, device, dtype): stages asking for the same weights share one copy.
         """
         import torch
 
-        resolved = self.resolve(ref)
+        resolved = self.resolve(ref, sha256=sha256)
         target = torch.device(device)
         precision = dtype or torch.float32
         key = (resolved.sha256, str(target), str(precision))
@@ -423,7 +433,7 @@ class ModelStore:
         import torch
 
         spec, what = resolved.spec, resolved.id
-        state_dict, _ = read_verified(resolved.path, resolved.sha256, what)
+        state_dict = load_weights(resolved.path, resolved.sha256, what)
         descriptor = None
         if spec.loader == "spandrel":
             descriptor = spandrel_descriptor(state_dict, device, f"{what} ({resolved.path})")
@@ -453,11 +463,11 @@ class ModelStore:
         )
 
     def load_state_dict(
-        self, ref: str | os.PathLike[str]
+        self, ref: str | os.PathLike[str], *, sha256: str | None = None
     ) -> tuple[dict[str, torch.Tensor], ResolvedModel]:
         """Hash-checked tensors on the CPU, unwrapped as upstream does; a fresh dict each call."""
-        resolved = self.resolve(ref)
-        state_dict, _ = read_verified(resolved.path, resolved.sha256, resolved.id)
+        resolved = self.resolve(ref, sha256=sha256)
+        state_dict = load_weights(resolved.path, resolved.sha256, resolved.id)
         return unwrap_state_dict(state_dict, f"{resolved.id} ({resolved.path})"), resolved
 
     def clear_loaded(self) -> None:
