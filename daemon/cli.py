@@ -21,6 +21,7 @@ from daemon.publish import publish_files, write_temp
 from pipeline import image as imageio
 from pipeline.chain import Chain, ChainConfigError, build_chain
 from pipeline.errors import ModelError, PipelineError
+from pipeline.models import TrustedModels
 from pipeline.stage import StageContext
 
 __all__ = ["main"]
@@ -382,7 +383,7 @@ def _process(args: argparse.Namespace, config: Config) -> int:
     job = _Job(
         chain=chain,
         ctx=StageContext(
-            models=store,
+            models=TrustedModels(store),  # each model hashed once for the batch, not per image
             device=device,
             precision=precision,
             seed=config.processing.seed,

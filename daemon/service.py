@@ -12,7 +12,7 @@ import queue as threadqueue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,7 +29,8 @@ from daemon.store import Store, open_database, utc_now
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
 from daemon.worker import WorkerPool, WorkerSettings
 from pipeline.chain import Chain
-from pipeline.files import sha256_file
+from pipeline.errors import HashMismatchError
+from pipeline.models import TrustedModels
 
 __all__ = ["Daemon", "DaemonError", "LockHeldError", "code_version", "recipe_of", "state_dir"]
 
@@ -61,15 +62,19 @@ def state_dir(config: Config) -> Path:
     return Path(base) / "scanrestore"
 
 
-def recipe_of(config: Config, chain: Chain, preset: str | None) -> dict[str, Any]:
+def recipe_of(
+    config: Config, chain: Chain, preset: str | None, models: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Everything that shapes an output: the chain's stages with versions and options, the
-    sha256 of every model file, the output format, and the code version. Resolving a model
-    here also proves it is present (or fetches it) before the first image."""
-    store = model_store(config)
-    models = {ref: store.resolve(ref).sha256 for _, ref in chain.models()}
+    sha256 of every model file (`models`, as the chain's prepared models bound them), the
+    output format, and the code version. Without `models`, each model is resolved here, which
+    also proves it is present (or fetches it) before the first image."""
+    if models is None:
+        trusted = TrustedModels(model_store(config))
+        models = {ref: trusted.resolve(ref).sha256 for _, ref in chain.models()}
     return {
         "stages": chain.describe(),
-        "models": models,
+        "models": dict(models),
         "preset": preset or config.pipeline.preset or None,
         "output": {"format": config.image.output_format, "quality": config.image.quality},
         "precision": config.processing.precision,
@@ -77,20 +82,16 @@ def recipe_of(config: Config, chain: Chain, preset: str | None) -> dict[str, Any
     }
 
 
-def _verify_models(config: Config, chain: Chain) -> None:
-    """Hash every model file the chain uses against the hash it must have, before any image
-    is taken: a tampered or truncated file stops the start (exit 78) rather than failing every
-    image one by one."""
-    store = model_store(config)
-    for _, ref in chain.models():
-        resolved = store.resolve(ref)
-        actual = sha256_file(resolved.path)
-        if actual != resolved.sha256:
-            raise DaemonError(
-                f"model {resolved.id} ({resolved.path}): sha256 mismatch: expected "
-                f"{resolved.sha256}, got {actual}; the file was altered or cut short: fetch or "
-                "import it again"
-            )
+def _prepare_models(config: Config, chain: Chain) -> TrustedModels:
+    """The chain's models, each hashed once, before any image is taken: a tampered or truncated
+    file stops the start (exit 78) rather than failing every image one by one. Workers get
+    these hashes and check each file's bytes against them as they load."""
+    try:
+        return chain.prepare_models(model_store(config))
+    except HashMismatchError as exc:
+        raise DaemonError(
+            f"{exc}; the file was altered or cut short: fetch or import it again"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -175,8 +176,8 @@ class Daemon:
             clock=self._clock,
         )
         chain = self.config.chain(self.preset)
-        recipe = recipe_of(self.config, chain, self.preset)
-        _verify_models(self.config, chain)
+        models = _prepare_models(self.config, chain)
+        recipe = recipe_of(self.config, chain, self.preset, models.expected)
         recipe_sha256 = store.record_recipe(recipe)
         publisher = Publisher(
             store,

@@ -233,6 +233,7 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
 class _Runner:
     def __init__(self, settings: WorkerSettings) -> None:
         from daemon.config import Config, model_store
+        from pipeline.models import TrustedModels
 
         config = Config.model_validate(settings.config)
         if settings.threads:
@@ -241,9 +242,10 @@ class _Runner:
             torch.set_num_threads(settings.threads)
         self.config = config
         self.chain = config.chain(settings.preset)
-        self.store = model_store(config)
         self.device = settings.device
-        self.models = settings.models
+        # Bound to the hashes the daemon took at start: no file is hashed again per task, and
+        # a weights file replaced since then fails as it loads (its bytes no longer match).
+        self.models = TrustedModels(model_store(config), settings.models)
 
     def run(self, task: Task) -> Outcome:
         from pipeline.errors import PipelineError
@@ -276,12 +278,11 @@ class _Runner:
 
         if (change := _source_change(task)) is not None:
             return Outcome(task, "changed", error=f"{change} since it was queued")
-        self._check_models()
         image = imageio.decode(Path(task.source), max_pixels=self.config.image.max_pixels)
         dest = Path(task.dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(
-            models=self.store,
+            models=self.models,
             device=self.device,
             precision=self.config.processing.precision,
             seed=self.config.processing.seed,
@@ -324,20 +325,6 @@ class _Runner:
             seconds=time.perf_counter() - started,
             device=ctx.device,
         )
-
-    def _check_models(self) -> None:
-        """The models must still be those the recipe names: a weights file replaced since the
-        daemon started would make outputs that the provenance misdescribes. (A cached model's
-        bytes are checked against its hash again as it loads.)"""
-        from pipeline.errors import HashMismatchError
-
-        for _, ref in self.chain.models():
-            expected = self.models.get(ref)
-            actual = self.store.resolve(ref).sha256
-            if expected is not None and actual != expected:
-                raise HashMismatchError(
-                    f"model {ref} (changed since the daemon started)", expected, actual
-                )
 
     @staticmethod
     def _write(
