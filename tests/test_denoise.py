@@ -140,6 +140,7 @@ def test_real_dncnn_improves_psnr_on_real_noisy_photos(ctx):
     """PolyU real high-ISO pairs with the real KAIR colour-blind weights."""
     weights = shared_file("weights/dncnn_color_blind.pth")
     pairs = sorted((CORPUS / "real_lr_hr_pairs/PolyU_real_noise").glob("*_real.JPG"))[:2]
+    assert len(pairs) == 2, "PolyU_real_noise has fewer than two *_real.JPG photos"
     stage = DenoiseStage(DenoiseOptions(method="dncnn", model=str(weights)))
     for noisy_path in pairs:
         noisy = decode(noisy_path)

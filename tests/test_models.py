@@ -187,7 +187,9 @@ def test_registry_urls_sizes_and_hashes_match_the_manifest() -> None:
 @needs_shared
 def test_rebuilt_ncnn_weights_are_never_labelled_official() -> None:
     official_hashes = {spec.sha256 for spec in REGISTRY.values()}
-    for path in SHARED_WEIGHTS.glob("*.from-ncnn.pth"):
+    rebuilt = sorted(SHARED_WEIGHTS.glob("*.from-ncnn.pth"))
+    assert rebuilt, f"no *.from-ncnn.pth in {SHARED_WEIGHTS}"
+    for path in rebuilt:
         assert sha256_file(path) not in official_hashes, path.name
 
 
