@@ -12,6 +12,7 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.logs import escape_controls
 from daemon.queue import JobQueue
+from daemon.seen import hash_if_seen, seen_versions
 from daemon.store import Store
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
 from pipeline.files import sha256_file
@@ -61,6 +62,7 @@ class Intake:
             stable_seconds=watch.stable_seconds,
             patterns=watch.ignore,
             exclude=self.exclude,
+            known=seen_versions(self.store, self.queue, self.recipe_sha256),
         )
         for item in (*result.ready, *result.refused):
             self.ready.put(item)
@@ -95,9 +97,13 @@ class Intake:
         self.store.record_event("refused", path=item.relative, detail={"reason": item.reason})
 
     def _ingest(self, item: ReadyFile) -> None:
-        """Hash a settled file, record it, queue it unless these bytes were done already."""
+        """Hash a settled file (unless this version was hashed already), record it, queue it
+        unless these bytes were done already."""
+        recorded = self.store.latest_observation(item.relative)
         try:
-            sha = sha256_file(item.path, follow_symlinks=False)
+            sha = hash_if_seen(recorded, item.version) or sha256_file(
+                item.path, follow_symlinks=False
+            )
         except OSError as exc:
             if self._unreadable.get(item.relative) != str(exc):  # once, not at every rescan
                 self._unreadable[item.relative] = str(exc)
@@ -112,7 +118,14 @@ class Intake:
             return
         self._unreadable.pop(item.relative, None)
         modified = datetime.fromtimestamp(item.mtime_ns / 1e9).astimezone()
-        self.store.record_observation(item.relative, sha, size=item.size, modified_at=modified)
+        self.store.record_observation(
+            item.relative,
+            sha,
+            size=item.size,
+            modified_at=modified,
+            mtime_ns=item.mtime_ns,
+            inode=item.inode,
+        )
         queued = self.queue.enqueue(item.relative, sha, self.recipe_sha256)
         if queued.created:
             log.info("queued path=%s sha256=%s", safe_name(item.relative), sha[:12])

@@ -28,6 +28,7 @@ __all__ = [
     "ACTIVE_STATES",
     "JOB_MIGRATIONS",
     "STATES",
+    "Coverage",
     "Enqueued",
     "Job",
     "JobQueue",
@@ -230,6 +231,19 @@ class Enqueued:
     created: bool
     reason: Literal["new", "active", "done", "quarantined"]
     superseded: tuple[Job, ...] = ()
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the queue holds for one recipe, as `enqueue` (without force) judges it: bytes at a
+    path with a job still to be done, and bytes done or quarantined under any name."""
+
+    active: frozenset[tuple[str, str]]  # (path, source_sha256)
+    finished: frozenset[str]  # source_sha256
+
+    def covers(self, path: str, source_sha256: str) -> bool:
+        """True when enqueueing these bytes at `path` would queue nothing new."""
+        return (path, source_sha256) in self.active or source_sha256 in self.finished
 
 
 class JobQueue:
@@ -527,6 +541,18 @@ class JobQueue:
 
     def jobs_for(self, path: str) -> list[Job]:
         return self._many("path = ? ORDER BY id", (db_path(path),))
+
+    def coverage(self, recipe_sha256: str) -> Coverage:
+        """Everything this recipe's jobs already cover, read in one pass (for a restart)."""
+        rows = self.store.conn.execute(
+            "SELECT path, source_sha256, state FROM jobs WHERE recipe_sha256 = ? "
+            "AND state IN ('queued', 'running', 'failed', 'done', 'quarantined')",
+            (recipe_sha256,),
+        ).fetchall()
+        return Coverage(
+            frozenset((path_from_db(p), sha) for p, sha, state in rows if state in ACTIVE_STATES),
+            frozenset(sha for _, sha, state in rows if state in ("done", "quarantined")),
+        )
 
     def counts(self) -> dict[State, int]:
         """Jobs per state, every state present."""

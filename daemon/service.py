@@ -24,6 +24,7 @@ from daemon.ingest import IngestError, Intake
 from daemon.publish import Publisher, remove_stray_temps
 from daemon.queue import JobQueue
 from daemon.schedule import Schedules
+from daemon.seen import Version, seen_versions
 from daemon.session import Session
 from daemon.store import Store, open_database, utc_now
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
@@ -196,7 +197,7 @@ class Daemon:
             threads=self.config.processing.threads,
         )
         pool = WorkerPool(settings, cfg.workers)
-        watcher = self._watcher()
+        watcher = self._watcher(seen_versions(store, queue, recipe_sha256))
         schedules = self._schedules(watcher)
         session = Session(
             self.config,
@@ -257,7 +258,8 @@ class Daemon:
             raise DaemonError(f"{self.input}: the watched folder does not exist")
         self.output.mkdir(parents=True, exist_ok=True)
 
-    def _watcher(self) -> Watcher:
+    def _watcher(self, known: Mapping[str, Version]) -> Watcher:
+        """The watcher, told what it need not hand over again (daemon.seen.seen_versions)."""
         watch = self.config.watch
         return Watcher(
             self.input,
@@ -268,6 +270,7 @@ class Daemon:
             rescan_seconds=None,  # the scheduler asks for rescans (see _schedules)
             patterns=watch.ignore,
             exclude=(self.output, self.state),
+            known=known,
         )
 
     def _schedules(self, watcher: Watcher) -> Schedules:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -25,6 +25,7 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.publish import TEMP_MARKER
+from daemon.seen import Version, already_seen
 
 __all__ = [
     "DEFAULT_IGNORED_NAMES",
@@ -137,13 +138,6 @@ class IgnoreRules:
 # ---------------------------------------------------------------- stability
 
 
-class Version(NamedTuple):
-    """What identifies one version of a file: a new size or mtime is a new version."""
-
-    size: int
-    mtime_ns: int
-
-
 class _Entry:
     __slots__ = ("since", "version")
 
@@ -164,9 +158,10 @@ class StabilityTracker:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
 
-    def observe(self, path: str, size: int, mtime_ns: int) -> bool:
-        """Record the size and mtime just seen; True (and the timer restarts) when they are new."""
-        version = Version(size, mtime_ns)
+    def observe(self, path: str, size: int, mtime_ns: int, inode: int = 0) -> bool:
+        """Record the size, mtime and inode just seen; True (and the timer restarts) when they
+        are new."""
+        version = Version(size, mtime_ns, inode)
         entry = self._entries.get(path)
         if entry is not None and entry.version == version:
             return False
@@ -300,7 +295,7 @@ def _classify(entry: os.DirEntry[str], relative: str, stack: list[str], result: 
         result.unreadable[relative] = _reason(exc)
         return
     if stat.S_ISREG(info.st_mode):
-        result.files[relative] = Version(info.st_size, info.st_mtime_ns)
+        result.files[relative] = Version.of(info)
     else:
         result.refused[relative] = _file_kind(info.st_mode)
 
@@ -369,6 +364,11 @@ class ReadyFile:
     path: Path
     size: int
     mtime_ns: int
+    inode: int
+
+    @property
+    def version(self) -> Version:
+        return Version(self.size, self.mtime_ns, self.inode)
 
     @property
     def relative_bytes(self) -> bytes:
@@ -418,9 +418,10 @@ class Watcher:
     a loop thread that calls `step()` every `tick_seconds`; `step()` may also be called
     directly (tests, `run_once`). Stability and the rescan schedule use `clock`.
 
-    `known` maps relative paths to (size, mtime_ns) already taken earlier, so a restart does not
-    hand over the whole archive again. Callbacks run on the loop thread; one that raises is
-    logged and the file is offered again after another quiet period.
+    `known` maps relative paths to the versions (size, mtime_ns, inode) already taken earlier
+    (daemon.seen.seen_versions), so a restart does not hand over the whole archive again.
+    Callbacks run on the loop thread; one that raises is logged and the file is offered again
+    after another quiet period.
     """
 
     def __init__(
@@ -436,7 +437,7 @@ class Watcher:
         tick_seconds: float = 0.5,
         patterns: Iterable[str] = (),
         exclude: Iterable[str | os.PathLike[str]] = (),
-        known: Mapping[str, tuple[int, int]] | None = None,
+        known: Mapping[str, tuple[int, int, int]] | None = None,
         clock: Clock = time.monotonic,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -651,7 +652,7 @@ class Watcher:
     def _take(self, result: ScanResult) -> None:
         """Track every file of a scan that is new or changed since it was handed over."""
         for path, version in result.files.items():
-            if path in self._tracker or self._reported.get(path) != version:
+            if path in self._tracker or not already_seen(self._reported.get(path), version):
                 self._tracker.observe(path, *version)
             self._refused.pop(path, None)
         for path, reason in result.refused.items():
@@ -680,9 +681,9 @@ class Watcher:
             self._tracker.forget(path)
             self._refuse(path, _file_kind(info.st_mode))
         else:
-            version = Version(info.st_size, info.st_mtime_ns)
+            version = Version.of(info)
             self._refused.pop(path, None)
-            if path in self._tracker or self._reported.get(path) != version:
+            if path in self._tracker or not already_seen(self._reported.get(path), version):
                 self._tracker.observe(path, *version)
                 self._tracker.touch(path)
 
@@ -699,7 +700,7 @@ class Watcher:
             version = self._recheck(path)
             if version is None or version != seen:
                 continue  # changed since last seen: the timer restarted
-            entry = ReadyFile(path, Path(self.root, path), version.size, version.mtime_ns)
+            entry = ReadyFile(path, Path(self.root, path), *version)
             if self._deliver(entry):
                 self._reported[path] = version
                 self._tracker.forget(path)
@@ -715,7 +716,7 @@ class Watcher:
             if info is not None and not stat.S_ISDIR(info.st_mode):
                 self._refuse(path, _file_kind(info.st_mode))
             return None
-        version = Version(info.st_size, info.st_mtime_ns)
+        version = Version.of(info)
         self._tracker.observe(path, *version)
         return version
 
@@ -895,7 +896,7 @@ def run_once(
     timeout_seconds: float = 300.0,
     patterns: Iterable[str] = (),
     exclude: Iterable[str | os.PathLike[str]] = (),
-    known: Mapping[str, tuple[int, int]] | None = None,
+    known: Mapping[str, tuple[int, int, int]] | None = None,
     clock: Clock = time.monotonic,
     sleep: Callable[[float], object] = time.sleep,
     logger: logging.Logger | None = None,

@@ -6,7 +6,9 @@ daemon as a real subprocess.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -161,6 +163,51 @@ def test_a_recipe_change_yields_v2_and_leaves_v1_byte_identical(site, tmp_path):
     assert site.once() == 0
     assert site.outputs() == ["bird.v1.json", "bird.v1.png", "bird.v2.json", "bird.v2.png"]
     assert sha256_file(site.out / "bird.v1.png") == v1
+
+
+def test_a_restart_hashes_no_unchanged_file_and_every_touched_or_replaced_one(site, monkeypatch):
+    names = {"same.png": "bird.png", "touched.png": "baby.png", "replaced.png": "head.png"}
+    for name, source in names.items():
+        _drop(site, name, f"{SET5}/{source}")
+    assert site.once() == 0
+    published = site.outputs()
+    assert len(published) == 6
+
+    hashed: list[int] = []  # the inode of every file the daemon reads through to a hash
+    digest = hashlib.file_digest
+
+    def counting(handle, *args, **kwargs):
+        hashed.append(os.fstat(handle.fileno()).st_ino)
+        return digest(handle, *args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "file_digest", counting)
+    scans = lambda: {path.stat().st_ino: path.name for path in site.scans.iterdir()}  # noqa: E731
+    assert site.once() == 0
+    assert [scans()[ino] for ino in hashed if ino in scans()] == []
+
+    touched = (site.scans / "touched.png").stat()
+    (site.scans / "touched.png").write_bytes((site.scans / "touched.png").read_bytes())
+    os.utime(site.scans / "touched.png", ns=(touched.st_atime_ns, touched.st_mtime_ns + 10**9))
+    before = (site.scans / "replaced.png").stat()
+    shutil.copy(site.scans / "replaced.png", site.root / "replacement.png")
+    os.utime(site.root / "replacement.png", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(site.root / "replacement.png", site.scans / "replaced.png")
+    after = (site.scans / "replaced.png").stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino != before.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        True,
+    )
+    assert site.once() == 0
+    assert sorted(scans()[ino] for ino in hashed if ino in scans()) == [
+        "replaced.png",
+        "touched.png",
+    ]
+    assert site.outputs() == published  # the same bytes: nothing to make again
+
+    hashed.clear()
+    assert site.once() == 0
+    assert [scans()[ino] for ino in hashed if ino in scans()] == []
 
 
 def test_reprocess_forces_a_new_version(site):

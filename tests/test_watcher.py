@@ -254,7 +254,7 @@ def test_scan_walks_nested_folders_and_refuses_what_is_not_a_regular_file(tmp_pa
     finally:
         listener.close()
     info = (tmp_path / "top.tif").stat()
-    assert result.files["top.tif"] == Version(5, info.st_mtime_ns)
+    assert result.files["top.tif"] == Version(5, info.st_mtime_ns, info.st_ino)
     assert sorted(result.files) == ["a/b/c/deep.tif", "top.tif"]
     assert result.refused == {
         "a/link.tif": "not a regular file: symbolic link",
@@ -408,9 +408,9 @@ def test_known_versions_are_not_handed_over_again_after_a_restart(tmp_path):
     same = write(tmp_path / "same.tif")
     changed = write(tmp_path / "changed.tif")
     known = {
-        "same.tif": (same.stat().st_size, same.stat().st_mtime_ns),
-        "changed.tif": (changed.stat().st_size, changed.stat().st_mtime_ns - 1),
-        "deleted.tif": (1, 1),
+        "same.tif": Version.of(same.stat()),
+        "changed.tif": Version.of(changed.stat())._replace(mtime_ns=changed.stat().st_mtime_ns - 1),
+        "deleted.tif": Version(1, 1, 1),
     }
     clock, inbox = FakeClock(), Inbox()
     with started(stepped(tmp_path, inbox, clock, known=known)) as watcher:

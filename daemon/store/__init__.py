@@ -30,15 +30,8 @@ from daemon.store.fixity import (
     FixityReport,
 )
 from daemon.store.migrations import Migration, merge_histories, script
-from daemon.store.provenance import (
-    PROVENANCE_TABLES,
-    Event,
-    Observation,
-    OutputFile,
-    Provenance,
-    RunRecord,
-    StageRun,
-)
+from daemon.store.provenance import PROVENANCE_TABLES, Provenance
+from daemon.store.records import Event, Observation, OutputFile, RunRecord, StageRun
 from daemon.store.store import Store, database_migrations, open_database
 
 __all__ = [

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.store.connection import path_from_db, timestamp
-from daemon.store.provenance import Event, Provenance
+from daemon.store.provenance import Provenance
+from daemon.store.records import Event
 from pipeline.files import sha256_file
 
 __all__ = [

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from daemon.store.connection import (
     Connection,
@@ -21,6 +20,14 @@ from daemon.store.connection import (
 )
 from daemon.store.errors import UnknownReferenceError
 from daemon.store.migrations import Migration, script
+from daemon.store.records import (
+    Event,
+    Observation,
+    OutputFile,
+    RunRecord,
+    RunStatus,
+    StageRun,
+)
 
 __all__ = [
     "PROVENANCE_MIGRATIONS",
@@ -32,9 +39,6 @@ __all__ = [
     "RunRecord",
     "StageRun",
 ]
-
-RunStatus = Literal["done", "failed", "discarded", "died"]
-OutputKind = Literal["image", "mask", "provenance"]
 
 PROVENANCE_TABLES = (
     "migrations",
@@ -137,74 +141,20 @@ ALTER TABLE runs ADD COLUMN run_token TEXT;
 CREATE INDEX runs_token ON runs (run_token);
 """
 
+# What identifies the version of the file that was hashed, beyond its size: its mtime to the
+# nanosecond and its inode (a file replaced by a rename keeps neither). A path whose file still
+# has all three is not hashed again (daemon.seen). NULL in rows recorded before this step.
+_OBSERVATION_IDENTITY = """
+ALTER TABLE source_paths ADD COLUMN mtime_ns INTEGER;
+ALTER TABLE source_paths ADD COLUMN inode INTEGER;
+"""
+
 # The provenance tables' history; daemon.store.store merges it with the queue's.
 PROVENANCE_MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_provenance", script(_PROVENANCE)),
     Migration("0003_publication", script(_RUN_TOKEN)),
+    Migration("0004_observation_identity", script(_OBSERVATION_IDENTITY)),
 )
-
-
-@dataclass(frozen=True)
-class Observation:
-    id: int
-    path: str
-    source_sha256: str | None  # None: the path was seen empty (the file went away)
-    size: int | None
-    modified_at: datetime | None
-    seen_at: datetime
-
-
-@dataclass(frozen=True)
-class StageRun:
-    position: int
-    stage: str
-    version: int
-    model_id: str | None
-    model_sha256: str | None
-    params: dict[str, Any]
-    seconds: float
-    device: str | None
-    skipped: str | None
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """A published file: its path as the daemon names it (relative to the output root)."""
-
-    path: str
-    version: int
-    output_sha256: str
-    bytes: int
-    kind: OutputKind = "image"
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    id: int
-    job_id: int | None
-    source_sha256: str
-    path: str
-    recipe_sha256: str
-    recipe: dict[str, Any]
-    status: RunStatus
-    started_at: datetime
-    finished_at: datetime
-    device: str | None
-    code_version: str
-    error: str | None
-    stages: tuple[StageRun, ...]
-    outputs: tuple[OutputFile, ...]
-    run_token: str | None = None  # the RunId written into the output files
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    occurred_at: datetime
-    kind: str
-    path: str | None
-    source_sha256: str | None
-    detail: dict[str, Any]
 
 
 class Provenance(Connection):
@@ -217,10 +167,14 @@ class Provenance(Connection):
         *,
         size: int,
         modified_at: datetime | None = None,
+        mtime_ns: int | None = None,
+        inode: int | None = None,
     ) -> Observation:
-        """Record that `path` (relative to the watch root) holds these bytes. A repeat of the
-        path's latest observation is not written again; another name for the same bytes is."""
+        """Record that `path` (relative to the watch root) holds these bytes, as the file of
+        this size, mtime and inode. A repeat of the path's latest observation is not written
+        again; another name for the same bytes is."""
         modified = None if modified_at is None else timestamp(modified_at)
+        version = (size, modified, mtime_ns, inode)
         with self.transaction():
             self.conn.execute(
                 "INSERT INTO sources (source_sha256, size, first_seen_at) VALUES (?, ?, ?) "
@@ -228,13 +182,13 @@ class Provenance(Connection):
                 (source_sha256, size, self.now()),
             )
             latest = self.conn.execute(
-                "SELECT id, source_sha256, size, modified_at FROM source_paths "
+                "SELECT id, source_sha256, size, modified_at, mtime_ns, inode FROM source_paths "
                 "WHERE path = ? ORDER BY id DESC LIMIT 1",
                 (db_path(path),),
             ).fetchone()
-            if latest is not None and latest[1:] == (source_sha256, size, modified):
+            if latest is not None and latest[1:] == (source_sha256, *version):
                 return self._observations("id = ?", (latest[0],))[0]
-            return self._observe(path, source_sha256, size, modified)
+            return self._observe(path, source_sha256, *version)
 
     def record_removal(self, path: str) -> Observation | None:
         """Record that `path` is gone (so the fixity audit stops expecting it there)."""
@@ -242,15 +196,22 @@ class Provenance(Connection):
             latest = self.latest_observation(path)
             if latest is None or latest.source_sha256 is None:
                 return latest
-            return self._observe(path, None, None, None)
+            return self._observe(path, None, None, None, None, None)
 
     def _observe(
-        self, path: str, sha: str | None, size: int | None, modified: str | None
+        self,
+        path: str,
+        sha: str | None,
+        size: int | None,
+        modified: str | None,
+        mtime_ns: int | None,
+        inode: int | None,
     ) -> Observation:
         row_id = self.conn.execute(
-            "INSERT INTO source_paths (path, source_sha256, size, modified_at, seen_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (db_path(path), sha, size, modified, self.now()),
+            "INSERT INTO source_paths "
+            "(path, source_sha256, size, modified_at, mtime_ns, inode, seen_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (db_path(path), sha, size, modified, mtime_ns, inode, self.now()),
         ).lastrowid
         return self._observations("id = ?", (row_id,))[0]
 
@@ -357,6 +318,15 @@ class Provenance(Connection):
         rows = self._observations("path = ? ORDER BY id DESC LIMIT 1", (db_path(path),))
         return rows[0] if rows else None
 
+    def latest_observations(self) -> Iterator[Observation]:
+        """Each path's latest observation, in path order (removals included: their hash is
+        None). One pass over the table, for seeding what a restart need not hash again."""
+        rows = self.db.query(
+            "SELECT * FROM source_paths p "
+            "WHERE id = (SELECT max(id) FROM source_paths WHERE path = p.path) ORDER BY path"
+        )
+        return (_observation(row) for row in rows)
+
     def observations(self, path: str) -> list[Observation]:
         """Every observation of `path`, oldest first."""
         return self._observations("path = ? ORDER BY id", (db_path(path),))
@@ -371,17 +341,7 @@ class Provenance(Connection):
 
     def _observations(self, where: str, params: Sequence[Any]) -> list[Observation]:
         rows = self.db.query(f"SELECT * FROM source_paths WHERE {where}", params)
-        return [
-            Observation(
-                id=row["id"],
-                path=path_from_db(row["path"]),
-                source_sha256=row["source_sha256"],
-                size=row["size"],
-                modified_at=from_timestamp(row["modified_at"]),
-                seen_at=_at(row["seen_at"]),
-            )
-            for row in rows
-        ]
+        return [_observation(row) for row in rows]
 
     def run(self, run_id: int) -> RunRecord:
         runs = self._runs("r.id = ?", (run_id,))
@@ -533,6 +493,19 @@ class Provenance(Connection):
 
 def _at(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+def _observation(row: Mapping[str, Any]) -> Observation:
+    return Observation(
+        id=row["id"],
+        path=path_from_db(row["path"]),
+        source_sha256=row["source_sha256"],
+        size=row["size"],
+        modified_at=from_timestamp(row["modified_at"]),
+        seen_at=_at(row["seen_at"]),
+        mtime_ns=row["mtime_ns"],
+        inode=row["inode"],
+    )
 
 
 def _stage_row(position: int, record: Mapping[str, Any], run_device: str | None) -> dict[str, Any]:
