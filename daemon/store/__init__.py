@@ -31,7 +31,15 @@ from daemon.store.fixity import (
 )
 from daemon.store.migrations import Migration, merge_histories, script
 from daemon.store.provenance import PROVENANCE_TABLES, Provenance
-from daemon.store.records import Event, Observation, OutputFile, RunRecord, StageRun
+from daemon.store.records import (
+    Event,
+    Observation,
+    OutputFile,
+    OutputKind,
+    RunRecord,
+    RunStatus,
+    StageRun,
+)
 from daemon.store.store import Store, database_migrations, open_database
 
 __all__ = [
@@ -53,8 +61,10 @@ __all__ = [
     "Migration",
     "Observation",
     "OutputFile",
+    "OutputKind",
     "Provenance",
     "RunRecord",
+    "RunStatus",
     "SchemaTooNewError",
     "StageRun",
     "Store",

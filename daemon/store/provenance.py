@@ -24,6 +24,7 @@ from daemon.store.records import (
     Event,
     Observation,
     OutputFile,
+    OutputKind,
     RunRecord,
     RunStatus,
     StageRun,
@@ -35,8 +36,10 @@ __all__ = [
     "Event",
     "Observation",
     "OutputFile",
+    "OutputKind",
     "Provenance",
     "RunRecord",
+    "RunStatus",
     "StageRun",
 ]
 
