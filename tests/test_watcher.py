@@ -657,8 +657,8 @@ def test_auto_mode_watches_a_local_disk_natively(tmp_path):
 
 
 def test_auto_mode_polls_a_network_share_and_says_so(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("daemon.watcher.is_network_filesystem", lambda path: True)
-    monkeypatch.setattr("daemon.watcher.filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr("daemon.watcher.watching.is_network_filesystem", lambda path: True)
+    monkeypatch.setattr("daemon.watcher.watching.filesystem_type", lambda path: "nfs4")
     with started(live(tmp_path, Inbox(), "auto")) as watcher:
         assert watcher.active_mode == "polling"
     assert "network filesystem" in caplog.text and "nfs4" in caplog.text

@@ -1,9 +1,6 @@
-"""The watcher: finds files in the watched tree and hands each settled version over exactly once.
-
-Events (watchdog's inotify or polling observer) only say where to look; a scan at start-up and
-a periodic full rescan reconcile whatever the events missed. A share that vanishes pauses the
-watcher: nothing is ever reported deleted.
-"""
+"""The Watcher: events from watchdog's inotify or polling observer only say where to look; a scan
+at start-up and periodic rescans reconcile what they missed; settled versions are handed over
+once each. A share that vanishes pauses it: nothing is ever reported deleted."""
 
 from __future__ import annotations
 
@@ -13,8 +10,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,42 +20,22 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.fsinfo import filesystem_type, is_network_filesystem
-from daemon.publish import TEMP_MARKER
 from daemon.seen import Version, already_seen
+from daemon.watcher.names import IgnoreRules, safe_name
+from daemon.watcher.scan import (
+    ScanResult,
+    error_reason,
+    excluded_prefixes,
+    file_kind,
+    relative_to,
+    skipped,
+    walk,
+)
+from daemon.watcher.stability import Clock, StabilityTracker
 
-__all__ = [
-    "DEFAULT_IGNORED_NAMES",
-    "DEFAULT_IGNORED_SUFFIXES",
-    "IgnoreRules",
-    "OnceResult",
-    "ReadyFile",
-    "Refusal",
-    "ScanResult",
-    "StabilityTracker",
-    "Version",
-    "Watcher",
-    "run_once",
-    "safe_name",
-    "scan",
-]
+__all__ = ["Mode", "ReadyFile", "Refusal", "Watcher"]
 
 Mode = Literal["auto", "native", "polling"]
-Clock = Callable[[], float]
-
-# Compared case-insensitively: Windows and macOS clients write these names in any case.
-DEFAULT_IGNORED_NAMES = frozenset(
-    {
-        "@eadir",  # Synology thumbnails
-        "#recycle",  # Synology recycle bin: deleted files must not come back as new ones
-        "#snapshot",
-        "$recycle.bin",
-        "system volume information",
-        "lost+found",
-        "thumbs.db",
-        "desktop.ini",
-    }
-)
-DEFAULT_IGNORED_SUFFIXES = (".part", ".tmp", "~")  # files still being written by their tools
 
 # Reading a file (ours included) is no sign that it is still being written.
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
@@ -67,290 +43,6 @@ _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
 _WATCHDOG_INOTIFY_LOGGER = "watchdog.observers"
 
 log = logging.getLogger("scanrestore.watcher")
-
-
-def safe_name(path: str | bytes | os.PathLike[str]) -> str:
-    """A file name fit for one log line: quoted, with control characters, quotes, backslashes
-    and undecodable bytes escaped (a name may hold a newline or terminal escape codes)."""
-    text = os.fsdecode(path)
-    out = []
-    for char in text:
-        code = ord(char)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif char in '\\"':
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        elif code < 0x100:
-            out.append(repr(char)[1:-1] if char in "\n\r\t" else f"\\x{code:02x}")
-        else:
-            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return '"' + "".join(out) + '"'
-
-
-# ---------------------------------------------------------------- what to ignore
-
-
-class IgnoreRules:
-    """Names the watcher never takes: dot files (so macOS "._*", ".DS_Store" and our own
-    temporary files), names ending in .part/.tmp/~, NAS system folders (@eaDir, #recycle ...),
-    Thumbs.db, plus `patterns`.
-
-    A pattern without "/" is a shell glob matched against every component of the relative path
-    (so "raw" or "*.xmp" also ignore everything below a folder of that name); one with "/" is
-    matched against the relative path and each of its parent folders ("old/2019*"). Matching is
-    case-insensitive, as on the SMB shares scans arrive on.
-    """
-
-    def __init__(self, patterns: Iterable[str] = ()) -> None:
-        self.patterns = tuple(patterns)
-        for pattern in self.patterns:
-            if not isinstance(pattern, str) or not pattern.strip("/"):
-                raise ValueError(f"ignore pattern {pattern!r}: must be a non-empty glob")
-        self._name_patterns = tuple(p.casefold() for p in self.patterns if "/" not in p)
-        self._path_patterns = tuple(p.strip("/").casefold() for p in self.patterns if "/" in p)
-
-    def ignored(self, relative: str) -> bool:
-        """True when `relative` (a "/"-separated path below the watched root) or any folder it
-        lies in is ignored."""
-        parts = relative.split("/")
-        if any(self.ignored_name(part) for part in parts):
-            return True
-        if self._path_patterns:
-            folded = [part.casefold() for part in parts]
-            for end in range(1, len(folded) + 1):
-                prefix = "/".join(folded[:end])
-                if any(fnmatchcase(prefix, pattern) for pattern in self._path_patterns):
-                    return True
-        return False
-
-    def ignored_name(self, name: str) -> bool:
-        """True when a file or folder of this name is ignored wherever it is."""
-        if name.startswith(".") or TEMP_MARKER in name:
-            return True
-        folded = name.casefold()
-        if folded in DEFAULT_IGNORED_NAMES or folded.endswith(DEFAULT_IGNORED_SUFFIXES):
-            return True
-        return any(fnmatchcase(folded, pattern) for pattern in self._name_patterns)
-
-
-# ---------------------------------------------------------------- stability
-
-
-class _Entry:
-    __slots__ = ("since", "version")
-
-    def __init__(self, version: Version, since: float) -> None:
-        self.version = version
-        self.since = since
-
-
-class StabilityTracker:
-    """A file is ready once its size and mtime have stayed the same, with no event, for `delay`
-    seconds of `clock` (monotonic, so a wall-clock jump neither rushes nor stalls it). An empty
-    file is never ready: scanners create a 0-byte placeholder and fill it later."""
-
-    def __init__(self, delay: float, clock: Clock = time.monotonic) -> None:
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0, not {delay}")
-        self.delay = delay
-        self._clock = clock
-        self._entries: dict[str, _Entry] = {}
-
-    def observe(self, path: str, size: int, mtime_ns: int, inode: int = 0) -> bool:
-        """Record the size, mtime and inode just seen; True (and the timer restarts) when they
-        are new."""
-        version = Version(size, mtime_ns, inode)
-        entry = self._entries.get(path)
-        if entry is not None and entry.version == version:
-            return False
-        self._entries[path] = _Entry(version, self._clock())
-        return True
-
-    def touch(self, path: str) -> None:
-        """An event for `path`: restart its timer (no-op for a path not tracked)."""
-        entry = self._entries.get(path)
-        if entry is not None:
-            entry.since = self._clock()
-
-    def forget(self, path: str) -> None:
-        self._entries.pop(path, None)
-
-    def version(self, path: str) -> Version | None:
-        entry = self._entries.get(path)
-        return entry.version if entry else None
-
-    def ready(self) -> list[str]:
-        """Non-empty paths quiet for at least the delay, sorted; they stay tracked until
-        forgotten."""
-        return self._quiet(empty=False)
-
-    def waiting_empty(self) -> list[str]:
-        """Empty paths quiet for the delay: placeholders worth checking again."""
-        return self._quiet(empty=True)
-
-    def next_due(self) -> float | None:
-        """The clock time at which the next tracked path will have been quiet for the delay."""
-        if not self._entries:
-            return None
-        return min(entry.since for entry in self._entries.values()) + self.delay
-
-    def tracked(self) -> dict[str, Version]:
-        """Every path being watched for stability, with the version last seen."""
-        return {path: entry.version for path, entry in self._entries.items()}
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _quiet(self, *, empty: bool) -> list[str]:
-        now = self._clock()
-        return sorted(
-            path
-            for path, entry in self._entries.items()
-            if (entry.version.size == 0) == empty and now - entry.since >= self.delay
-        )
-
-
-# ---------------------------------------------------------------- scanning
-
-
-@dataclass
-class ScanResult:
-    """One walk of the tree: regular files, refused entries and folders that could not be read,
-    all keyed by "/"-separated paths relative to the root."""
-
-    files: dict[str, Version] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)
-    unreadable: dict[str, str] = field(default_factory=dict)
-
-    def covers(self, relative: str) -> bool:
-        """False when `relative` lies in a folder this scan could not read (so its absence from
-        `files` proves nothing)."""
-        parent = relative
-        while parent:
-            if parent in self.unreadable:
-                return False
-            parent = parent.rpartition("/")[0]
-        return True
-
-
-def scan(
-    root: str | os.PathLike[str],
-    rules: IgnoreRules | None = None,
-    *,
-    exclude: Iterable[str | os.PathLike[str]] = (),
-    under: str = "",
-) -> ScanResult:
-    """Walk `root` (or its subfolder `under`) without following symlinks.
-
-    Regular files come back with their size and mtime; symlinks, FIFOs, sockets and devices are
-    refused with the reason; ignored names and the `exclude` paths (absolute, e.g. an output
-    folder inside the watched one) are skipped with everything below them. An unreadable root
-    raises OSError; an unreadable subfolder is recorded and the walk goes on.
-    """
-    root = os.fspath(root)
-    return _walk(root, rules or IgnoreRules(), _excluded_prefixes(root, exclude), under)
-
-
-def _walk(root: str, rules: IgnoreRules, excluded: tuple[str, ...], under: str) -> ScanResult:
-    result = ScanResult()
-    if under and (_skipped(under, rules, excluded) or not _is_real_dir(os.path.join(root, under))):
-        return result
-    stack = [under]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(os.path.join(root, folder) if folder else root) as listing:
-                entries = list(listing)
-        except (FileNotFoundError, NotADirectoryError):
-            if not folder:
-                raise
-            continue  # removed while we walked
-        except OSError as exc:
-            if not folder:
-                raise
-            result.unreadable[folder] = _reason(exc)
-            continue
-        for entry in entries:
-            relative = f"{folder}/{entry.name}" if folder else entry.name
-            if _skipped(relative, rules, excluded):
-                continue
-            _classify(entry, relative, stack, result)
-    return result
-
-
-def _classify(entry: os.DirEntry[str], relative: str, stack: list[str], result: ScanResult) -> None:
-    try:
-        if entry.is_dir(follow_symlinks=False):
-            stack.append(relative)
-            return
-        info = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        result.unreadable[relative] = _reason(exc)
-        return
-    if stat.S_ISREG(info.st_mode):
-        result.files[relative] = Version.of(info)
-    else:
-        result.refused[relative] = _file_kind(info.st_mode)
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISLNK, "symbolic link"),
-        (stat.S_ISFIFO, "named pipe (FIFO)"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISDIR, "folder"),
-    ):
-        if test(mode):
-            return f"not a regular file: {name}"
-    return "not a regular file"
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
-def _is_real_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _excluded_prefixes(root: str, exclude: Iterable[str | os.PathLike[str]]) -> tuple[str, ...]:
-    """The `exclude` paths that lie inside `root`, as relative paths."""
-    prefixes = []
-    for path in exclude:
-        for candidate in {os.path.abspath(os.fspath(path)), os.path.realpath(os.fspath(path))}:
-            relative = _relative_to(root, candidate)
-            if relative:
-                prefixes.append(relative)
-    return tuple(prefixes)
-
-
-def _relative_to(root: str, path: str) -> str | None:
-    """`path` relative to `root` ("" for the root itself), or None when outside it."""
-    if path == root:
-        return ""
-    prefix = root if root.endswith("/") else root + "/"
-    return path[len(prefix) :] if path.startswith(prefix) else None
-
-
-def _skipped(relative: str, rules: IgnoreRules, excluded: tuple[str, ...]) -> bool:
-    if any(relative == prefix or relative.startswith(prefix + "/") for prefix in excluded):
-        return True
-    return rules.ignored(relative)
-
-
-# ---------------------------------------------------------------- what the watcher reports
 
 
 @dataclass(frozen=True)
@@ -382,9 +74,6 @@ class Refusal:
     relative: str
     path: Path
     reason: str
-
-
-# ---------------------------------------------------------------- the watcher
 
 
 class _EventSink(FileSystemEventHandler):
@@ -456,7 +145,7 @@ class Watcher:
         self._poll_seconds = poll_seconds
         self._tick_seconds = tick_seconds
         self._rules = IgnoreRules(patterns)
-        self._excluded = _excluded_prefixes(self.root, exclude)
+        self._excluded = excluded_prefixes(self.root, exclude)
         self._clock = clock
         self._log = logger or log
         self._tracker = StabilityTracker(stable_seconds, clock)
@@ -498,6 +187,11 @@ class Watcher:
         """Files seen but not yet settled (empty placeholders included)."""
         with self._step_lock:
             return self._tracker.tracked()
+
+    def next_settle_at(self) -> float | None:
+        """The clock time at which the next file seen will have been quiet for the delay."""
+        with self._step_lock:
+            return self._tracker.next_due()
 
     def rescan(self) -> None:
         """Ask for a full rescan at the next step (thread-safe)."""
@@ -593,14 +287,14 @@ class Watcher:
         try:
             info = os.stat(self.root)
         except OSError as exc:
-            return _reason(exc)
+            return error_reason(exc)
         if not stat.S_ISDIR(info.st_mode):
             return "not a folder"
         try:
             with os.scandir(self.root) as listing:
                 empty = next(listing, None) is None
         except OSError as exc:
-            return _reason(exc)
+            return error_reason(exc)
         # A share that drops out often leaves its empty mount point behind: a folder that held
         # files we took and now holds nothing at all is taken to be away, not emptied.
         if empty and self._reported:
@@ -617,7 +311,7 @@ class Watcher:
         """Reconcile with a walk of the whole tree; False when the root failed meanwhile."""
         started = time.monotonic()
         try:
-            result = _walk(self.root, self._rules, self._excluded, "")
+            result = walk(self.root, self._rules, self._excluded, "")
         except OSError as exc:
             self._log.warning("rescan failed: path=%s reason=%s", safe_name(self.root), exc)
             self._available = None  # the next check logs what is wrong
@@ -665,7 +359,7 @@ class Watcher:
             files, self._pending_files = self._pending_files, set()
             folders, self._pending_dirs = self._pending_dirs, set()
         for folder in sorted(folders):
-            self._take(_walk(self.root, self._rules, self._excluded, folder))
+            self._take(walk(self.root, self._rules, self._excluded, folder))
         for path in sorted(files):
             self._refresh(path)
 
@@ -676,10 +370,10 @@ class Watcher:
             self._tracker.forget(path)
         elif stat.S_ISDIR(info.st_mode):
             self._tracker.forget(path)
-            self._take(_walk(self.root, self._rules, self._excluded, path))
+            self._take(walk(self.root, self._rules, self._excluded, path))
         elif not stat.S_ISREG(info.st_mode):
             self._tracker.forget(path)
-            self._refuse(path, _file_kind(info.st_mode))
+            self._refuse(path, file_kind(info.st_mode))
         else:
             version = Version.of(info)
             self._refused.pop(path, None)
@@ -714,7 +408,7 @@ class Watcher:
         if info is None or not stat.S_ISREG(info.st_mode):
             self._tracker.forget(path)
             if info is not None and not stat.S_ISDIR(info.st_mode):
-                self._refuse(path, _file_kind(info.st_mode))
+                self._refuse(path, file_kind(info.st_mode))
             return None
         version = Version.of(info)
         self._tracker.observe(path, *version)
@@ -761,8 +455,8 @@ class Watcher:
         elif event.is_directory and event.event_type != "created":
             return  # a folder's own changes and deletions tell nothing new about its files
         for target in targets:
-            path = _relative_to(self.root, os.fsdecode(target)) if target else None
-            if not path or _skipped(path, self._rules, self._excluded):
+            path = relative_to(self.root, os.fsdecode(target)) if target else None
+            if not path or skipped(path, self._rules, self._excluded):
                 continue
             with self._events_lock:
                 (self._pending_dirs if event.is_directory else self._pending_files).add(path)
@@ -771,11 +465,11 @@ class Watcher:
         """os.scandir for the polling observer, minus what we ignore (so it does not stat the
         thumbnails of a whole NAS every poll)."""
         folder = os.fspath(folder) if folder else self.root
-        base = _relative_to(self.root, folder)
+        base = relative_to(self.root, folder)
         with os.scandir(folder) as listing:
             for entry in listing:
                 path = f"{base}/{entry.name}" if base else entry.name
-                if base is None or not _skipped(path, self._rules, self._excluded):
+                if base is None or not skipped(path, self._rules, self._excluded):
                     yield entry
 
     def _ensure_observer(self) -> None:
@@ -873,57 +567,3 @@ def _dispose(observer: BaseObserver) -> None:
     observer.stop()
     if observer.ident is not None:
         observer.join()
-
-
-# ---------------------------------------------------------------- --once
-
-
-@dataclass(frozen=True)
-class OnceResult:
-    """What `run_once` found: files settled (in order), refused entries, paths still settling
-    when it gave up (empty placeholders included), and whether the folder was there at all."""
-
-    ready: list[ReadyFile]
-    refused: list[Refusal]
-    pending: list[str]
-    available: bool
-
-
-def run_once(
-    root: str | os.PathLike[str],
-    *,
-    stable_seconds: float = 10.0,
-    timeout_seconds: float = 300.0,
-    patterns: Iterable[str] = (),
-    exclude: Iterable[str | os.PathLike[str]] = (),
-    known: Mapping[str, tuple[int, int, int]] | None = None,
-    clock: Clock = time.monotonic,
-    sleep: Callable[[float], object] = time.sleep,
-    logger: logging.Logger | None = None,
-) -> OnceResult:
-    """Scan once and wait (at most `timeout_seconds`) until the files found have settled; files
-    arriving meanwhile are left for the next run. Empty placeholders are not waited for."""
-    ready: list[ReadyFile] = []
-    refused: list[Refusal] = []
-    watcher = Watcher(
-        root,
-        ready.append,
-        refused.append,
-        stable_seconds=stable_seconds,
-        rescan_seconds=None,
-        patterns=patterns,
-        exclude=exclude,
-        known=known,
-        clock=clock,
-        logger=logger,
-    )
-    deadline = clock() + timeout_seconds
-    watcher.step()
-    while watcher.available and any(v.size for v in watcher.pending().values()):
-        due = watcher._tracker.next_due()
-        now = clock()
-        if now >= deadline:
-            break
-        sleep(max(0.0, min(deadline, due if due is not None else now) - now) or 0.01)
-        watcher.step()
-    return OnceResult(ready, refused, sorted(watcher.pending()), watcher.available)
