@@ -68,7 +68,8 @@ TAG = "SCANRESTORE_BENCH_TAG"  # in the daemon's environment, so its orphans can
 TEMP_MARKER = ".tmp-"
 KILL_MODES = ("delay", "after-start", "ingest", "running", "temp", "publishing")
 TRIGGER_TIMEOUT = 60.0  # seconds after which a kill waiting for its moment happens anyway
-ORPHAN_GRACE = 5.0  # seconds a killed daemon's children get to go
+ORPHAN_GRACE = 5.0  # seconds a killed daemon's children get to go, not counting CPU waits
+ORPHAN_DEADLINE = 120.0  # wall seconds after which survivors are orphans however loaded the CPU
 
 
 # ---------------------------------------------------------------------------- the batch
@@ -232,18 +233,47 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     return found
 
 
-def orphans_after(tag: str, grace: float = ORPHAN_GRACE) -> list[dict[str, Any]]:
-    """Processes of ours still alive `grace` seconds after their daemon died; they are killed
-    (so they cannot disturb the next round) and returned."""
-    deadline = time.monotonic() + grace
-    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+def orphans_after(
+    tag: str, grace: float = ORPHAN_GRACE, deadline: float = ORPHAN_DEADLINE
+) -> list[dict[str, Any]]:
+    """Processes of ours still alive after their daemon died (the caller has reaped it). They
+    get `grace` seconds to go, counted on a clock that stands still while any of them waits
+    for a CPU: on a loaded machine a worker killed with its parent may wait seconds for the turn
+    in which it exits, and slow is not left behind, whereas a process that runs or sleeps on is.
+    `deadline` wall seconds bound the wait. Survivors are killed (so they cannot disturb the
+    next round) and returned."""
+    started = time.monotonic()
+    left = tagged_processes(tag)
+    first = _cpu_waits(left)  # per thread, from its first sight
+    starved = 0.0  # the longest any one thread has waited for a CPU since
+    while left:
+        elapsed = time.monotonic() - started
+        if elapsed - starved >= grace or elapsed >= deadline:
+            break
         time.sleep(0.1)
+        left = tagged_processes(tag)
+        for thread, waited in _cpu_waits(left).items():
+            starved = max(starved, waited - first.setdefault(thread, waited))
     orphans = []
     for proc in left:
         with contextlib.suppress(psutil.Error):
             orphans.append({"pid": proc.pid, "cmdline": " ".join(proc.cmdline())[:200]})
             proc.kill()
     return orphans
+
+
+def _cpu_waits(procs: Sequence[psutil.Process]) -> dict[tuple[int, str], float]:
+    """Seconds each thread of `procs` has spent runnable but waiting for a CPU (the second
+    field of Linux's /proc/PID/task/TID/schedstat); threads that cannot be read are left out,
+    so where there is no schedstat the grace is counted in plain wall seconds."""
+    waits = {}
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            for thread in os.listdir(f"/proc/{proc.pid}/task"):
+                path = f"/proc/{proc.pid}/task/{thread}/schedstat"
+                with contextlib.suppress(OSError, ValueError, IndexError), open(path) as handle:
+                    waits[proc.pid, thread] = int(handle.read().split()[1]) / 1e9
+    return waits
 
 
 @contextlib.contextmanager

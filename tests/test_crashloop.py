@@ -13,9 +13,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
+import psutil
 import pytest
 from conftest import REPO, SHARED
 
@@ -91,6 +93,68 @@ def test_a_process_left_behind_is_found_by_its_tag_and_killed():
             child.kill()
             child.wait()
     assert bench.tagged_processes(tag) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_child_that_does_not_die_with_its_parent_is_an_orphan_and_one_that_does_is_not():
+    tag = f"test-{os.getpid()}"
+    child = (
+        "import sys, time\n"
+        "from daemon.worker_entry import die_with_parent\n"
+        "if sys.argv[1] == 'armed':\n"
+        "    die_with_parent(int(sys.argv[2]))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import os, subprocess, sys, time\n"
+        "children = [subprocess.Popen([sys.executable, '-c', sys.argv[1], kind, str(os.getpid())],"
+        " stdout=subprocess.PIPE, text=True) for kind in ('armed', 'unarmed')]\n"
+        "assert [c.stdout.readline() for c in children] == ['ready\\n'] * 2\n"
+        "print(*(c.pid for c in children), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, bench.TAG: tag}
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", parent, child], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        armed, unarmed = map(int, daemon.stdout.readline().split())
+        daemon.kill()
+        daemon.wait(30)
+        orphans = bench.orphans_after(tag, grace=1.0)
+    finally:
+        daemon.kill()
+        daemon.wait()
+        bench.orphans_after(tag, grace=0.0)
+    assert [orphan["pid"] for orphan in orphans] == [unarmed]
+    assert not psutil.pid_exists(armed) or psutil.Process(armed).status() == "zombie"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="schedstat and CPU affinity are Linux's")
+def test_time_a_dying_process_waits_for_the_cpu_does_not_count_against_its_grace():
+    """A tagged child that needs 0.4 s of CPU to finish, sharing one CPU with two busy loops,
+    takes longer than its 0.8 s grace in wall seconds but is not an orphan."""
+    tag = f"test-{os.getpid()}"
+    cpu = {min(os.sched_getaffinity(0))}
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for hog in hogs:
+            os.sched_setaffinity(hog.pid, cpu)
+        busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-c", busy], env={**os.environ, bench.TAG: tag})
+        os.sched_setaffinity(child.pid, cpu)
+        orphans = bench.orphans_after(tag, grace=0.8)
+        assert child.wait(60) == 0
+        took = time.monotonic() - started
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        bench.orphans_after(tag, grace=0.0)
+    assert took > 0.8  # the premise: a wall-clock grace would have counted it
+    assert orphans == []
 
 
 def _scans(site) -> list:
