@@ -56,6 +56,7 @@ def test_process_writes_versioned_outputs_and_json_records(tmp_path, capsys, tin
 @pytest.mark.skipif(not SHARED.is_dir(), reason=NO_SHARED)
 def test_every_hostile_input_fails_clearly_and_the_batch_goes_on(tmp_path, capsys, tiny_x4, cache):
     good = shared_file("corpus/metadata_edge_cases/exifsamples_Canon_40D.jpg")
+    assert HOSTILE, "corpus/hostile_inputs is empty"
     inputs = [*HOSTILE, good]
     code, records = run_json(
         capsys,

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -143,6 +144,11 @@ def daemon(site: Site, *, obey_file_modes: bool = False) -> Iterator[subprocess.
             process.kill()
             process.wait()
         log.close()
+
+
+def _rescans(caplog: pytest.LogCaptureFixture) -> int:
+    """Full rescans the watcher of an in-process daemon has logged so far."""
+    return sum(record.getMessage().startswith("rescan: path=") for record in caplog.records)
 
 
 def daemon_log(site: Site) -> str:
@@ -329,12 +335,19 @@ def test_an_empty_placeholder_is_left_alone_until_the_scanner_fills_it(site):
         wait_started(site)
         placeholder = site.scans / "scan-0001.png"
         placeholder.touch()
-        time.sleep(3)  # ten quiet periods: an empty file must still not be taken
-        assert rows(site, "SELECT path FROM jobs") == [] and outputs(site) == []
+        # A file dropped after the placeholder and taken proves the watcher has let the
+        # placeholder be quiet for longer than a file needs: it must still not be taken.
+        drop(site, "later.png", f"{SET5}/head.png")
+        wait_for(lambda: job_state(site, "later.png") is not None, "the later file to be taken")
+        assert rows(site, "SELECT path FROM jobs") == [("later.png",)]
+        assert [name for name in outputs(site) if not name.startswith("later.")] == []
         with open(placeholder, "r+b") as handle:  # the scanner writes into its placeholder
             handle.write(shared_file(f"{SET5}/bird.png").read_bytes())
         wait_for(lambda: "scan-0001.v1.png" in site.outputs(), "the filled placeholder")
-    assert rows(site, "SELECT path, status FROM runs") == [("scan-0001.png", "done")]
+    assert sorted(rows(site, "SELECT path, status FROM runs")) == [
+        ("later.png", "done"),
+        ("scan-0001.png", "done"),
+    ]
     assert 'file ready: path="scan-0001.png" size=0' not in daemon_log(site)
 
 
@@ -387,14 +400,20 @@ def test_a_burst_of_tiny_files_in_an_event_storm_is_processed_each_exactly_once(
             "every file to be done",
             timeout=600,
         )
+        rescans = daemon_log(site).count(" rescan: path=")
         for name in names[::5]:  # touched after processing: the same bytes, nothing new
             os.utime(site.scans / name)
-        time.sleep(4)  # past a rescan
+        # A rescan after the touches, then a file dropped after it and processed: whatever
+        # the events or the rescan would take again has been taken by then.
+        wait_for(lambda: daemon_log(site).count(" rescan: path=") > rescans, "a rescan")
+        drop(site, "zz-later.png")
+        wait_for(lambda: job_state(site, "zz-later.png") == "done", "the later file")
+    expected = [*names, "zz-later.png"]
     runs = rows(site, "SELECT path, count(*) FROM runs WHERE status = 'done' GROUP BY path")
-    assert sorted(runs) == sorted((name, 1) for name in names)
-    assert rows(site, "SELECT count(*), count(DISTINCT path) FROM jobs") == [(count, count)]
+    assert sorted(runs) == sorted((name, 1) for name in expected)
+    assert rows(site, "SELECT count(*), count(DISTINCT path) FROM jobs") == [(count + 1,) * 2]
     images = [name for name in outputs(site) if name.endswith(".png")]
-    assert sorted(images) == sorted(name.replace(".png", ".v1.png") for name in names)
+    assert sorted(images) == sorted(name.replace(".png", ".v1.png") for name in expected)
 
 
 # ---------------------------------------------------------------- models
@@ -457,9 +476,10 @@ class JumpingClock:
         return utc_now() + self.offset
 
 
-def test_wall_clock_jumps_neither_stall_nor_repeat_queued_work(site):
+def test_wall_clock_jumps_neither_stall_nor_repeat_queued_work(site, caplog):
     """A machine that booted a day fast and was then corrected by NTP: files queued under the
     wrong time must not wait for the clock to catch up; a jump forward repeats nothing."""
+    caplog.set_level(logging.INFO, logger="scanrestore")
     clock = JumpingClock()
     clock.offset = timedelta(days=1)
     site.write_config(watch={"mode": "native", "stable_seconds": 0.3, "rescan_seconds": 1.0})
@@ -477,7 +497,12 @@ def test_wall_clock_jumps_neither_stall_nor_repeat_queued_work(site):
         clock.offset = timedelta(days=30)  # ... and a bad step forward
         drop(site, "late.png", f"{SET5}/head.png")
         wait_for(lambda: job_state(site, "late.png") == "done", "a file after the jump", 60)
-        time.sleep(2)  # rescans under the new time take nothing again
+        # Two rescans under the new time, then a file dropped after them and processed:
+        # whatever those rescans would take again has been taken by then.
+        rescans = _rescans(caplog)
+        wait_for(lambda: _rescans(caplog) >= rescans + 2, "two rescans after the jump", 60)
+        drop(site, "zz-later.png", f"{SET5}/butterfly.png")
+        wait_for(lambda: job_state(site, "zz-later.png") == "done", "the later file", 60)
     finally:
         service.stop()
         runner.join()
@@ -486,9 +511,12 @@ def test_wall_clock_jumps_neither_stall_nor_repeat_queued_work(site):
         "early.v1.png",
         "late.v1.json",
         "late.v1.png",
+        "zz-later.v1.json",
+        "zz-later.v1.png",
     ]
     assert rows(site, "SELECT path, count(*) FROM runs GROUP BY path ORDER BY path") == [
         ("big.png", 1),
         ("early.png", 1),
         ("late.png", 1),
+        ("zz-later.png", 1),
     ]
