@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -17,10 +18,10 @@ from typing import Any, TextIO
 
 from daemon.config import Config, ConfigError, load_config, model_store
 from daemon.logs import log_to_stderr
-from daemon.publish import publish_files, write_temp
-from pipeline import image as imageio
+from daemon.processing import OutputSettings, Stamp, failure_of, process_image
+from daemon.publish import publish_files
 from pipeline.chain import Chain, ChainConfigError, build_chain
-from pipeline.errors import ModelError, PipelineError
+from pipeline.errors import ModelError
 from pipeline.models import TrustedModels
 from pipeline.stage import StageContext
 
@@ -314,7 +315,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _reprocess(args: argparse.Namespace, config: Config) -> int:
-    from daemon.service import recipe_of
+    from daemon.processing import recipe_of
     from pipeline.files import sha256_file
 
     relative = _relative(config, args.path)
@@ -357,22 +358,36 @@ def _quarantine_list(args: argparse.Namespace, config: Config) -> int:
 # ---------------------------------------------------------------- process
 
 
-@dataclass
-class _Job:
+@dataclass(frozen=True)
+class _Batch:
+    """What every input of one `scanrestore process` shares."""
+
     chain: Chain
     ctx: StageContext
     out: Path
-    output_format: str
-    quality: int
-    max_pixels: int
+    output: OutputSettings
+    software: str
+    recipe_sha256: str
 
 
 def _process(args: argparse.Namespace, config: Config) -> int:
+    from daemon.processing import code_version, recipe_of
+    from daemon.store import recipe_sha256
+
     chain = build_chain(_stage_specs(config, args), path=_chain_path(config, args))
     store = model_store(config)
     chain.check_models(store, path=_chain_path(config, args))
     device = args.device or config.processing.device
     precision = args.precision or config.processing.precision
+    models = TrustedModels(store)  # each model hashed once for the batch, not per image
+    recipe = recipe_of(
+        config,
+        chain,
+        args.preset,
+        {ref: models.resolve(ref).sha256 for _, ref in chain.models()},
+        output_format=args.format,
+        precision=args.precision,
+    )
     if config.processing.threads:
         import torch
 
@@ -380,10 +395,10 @@ def _process(args: argparse.Namespace, config: Config) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     show_bar = not args.json and sys.stderr.isatty()
     bar = _Progress(len(args.inputs)) if show_bar else None
-    job = _Job(
+    batch = _Batch(
         chain=chain,
         ctx=StageContext(
-            models=TrustedModels(store),  # each model hashed once for the batch, not per image
+            models=models,
             device=device,
             precision=precision,
             seed=config.processing.seed,
@@ -391,13 +406,13 @@ def _process(args: argparse.Namespace, config: Config) -> int:
             scratch_dir=args.out,
         ),
         out=args.out,
-        output_format=args.format or config.image.output_format,
-        quality=config.image.quality,
-        max_pixels=config.image.max_pixels,
+        output=OutputSettings.from_config(config, output_format=args.format),
+        software=f"scanrestore {code_version()}",
+        recipe_sha256=recipe_sha256(recipe),
     )
     failures = 0
     for path in args.inputs:
-        record = _process_one(path, job)
+        record = _process_one(path, batch)
         failures += record["status"] != "ok"
         if bar:
             bar.file_done(record)
@@ -446,7 +461,9 @@ def _chain_from_kinds(text: str, configured: list[dict[str, Any]]) -> list[dict[
     return [dict(by_kind.get(kind, {"kind": kind})) for kind in kinds]
 
 
-def _process_one(path: Path, job: _Job) -> dict[str, Any]:
+def _process_one(path: Path, batch: _Batch) -> dict[str, Any]:
+    """Process one input the way the daemon's workers do (daemon.processing), then publish its
+    files together at the next free version in the output folder."""
     started = time.perf_counter()
     record: dict[str, Any] = {
         "input": str(path),
@@ -456,34 +473,29 @@ def _process_one(path: Path, job: _Job) -> dict[str, Any]:
         "seconds": None,
         "stages": [],
     }
+    stamp = Stamp(batch.software, secrets.token_hex(8), batch.recipe_sha256)
     try:
-        image = imageio.decode(path, max_pixels=job.max_pixels)
-        result = job.chain.run(image, job.ctx)
-        fmt = image.format if job.output_format == "same" else job.output_format
-        written: list[str] = []
-
-        def write(temp: Path) -> None:
-            written.append(imageio.encode(result.image, temp, format=fmt, quality=job.quality))
-
-        made = write_temp(job.out, path.stem, "image", imageio.suffix_for(fmt), write)
-        (published,) = publish_files(job.out, path.stem, [made])
+        made = process_image(
+            path,
+            batch.out,
+            path.stem,
+            chain=batch.chain,
+            ctx=batch.ctx,
+            output=batch.output,
+            stamp=stamp,
+        )
+        published = publish_files(batch.out, path.stem, made.files)
         record |= {
-            "output": str(published.final),
-            "version": published.version,
-            "format": written[0],
-            "stages": [stage.as_dict() for stage in result.stages],
+            "output": str(published[0].final),
+            "version": published[0].version,
+            "format": made.format,
+            "stages": made.stages,
         }
-    except PipelineError as exc:
-        record |= {"status": "error", "error": str(exc), "error_type": type(exc).__name__}
-    except (OSError, MemoryError) as exc:
-        record |= {"status": "error", "error": f"{path}: {exc}", "error_type": type(exc).__name__}
-    except Exception as exc:  # one image's bug must not stop the batch: report it whole
-        log.error("internal error on %s\n%s", path, traceback.format_exc())
-        record |= {
-            "status": "error",
-            "error": f"{path}: internal error: {exc!r}",
-            "error_type": type(exc).__name__,
-        }
+    except Exception as exc:  # one image's failure must not stop the batch: report it whole
+        failure = failure_of(path, exc)
+        if failure.internal:
+            log.error("internal error on %s\n%s", path, traceback.format_exc())
+        record |= {"status": "error", "error": failure.message, "error_type": failure.error_type}
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
 

@@ -14,13 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.ingest import IngestError, Intake
+from daemon.processing import code_version, recipe_of
 from daemon.publish import Publisher, remove_stray_temps
 from daemon.queue import JobQueue
 from daemon.schedule import Schedules
@@ -33,7 +32,7 @@ from pipeline.chain import Chain
 from pipeline.errors import HashMismatchError
 from pipeline.models import TrustedModels
 
-__all__ = ["Daemon", "DaemonError", "LockHeldError", "code_version", "recipe_of", "state_dir"]
+__all__ = ["Daemon", "DaemonError", "LockHeldError", "state_dir"]
 
 log = logging.getLogger("scanrestore.daemon")
 
@@ -46,13 +45,6 @@ class LockHeldError(DaemonError):
     pass
 
 
-def code_version() -> str:
-    try:
-        return version("scanrestore")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def state_dir(config: Config) -> Path:
     """Where the database lives: the config's, else systemd's $STATE_DIRECTORY, else XDG."""
     if config.daemon.state_dir:
@@ -61,26 +53,6 @@ def state_dir(config: Config) -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "scanrestore"
-
-
-def recipe_of(
-    config: Config, chain: Chain, preset: str | None, models: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Everything that shapes an output: the chain's stages with versions and options, the
-    sha256 of every model file (`models`, as the chain's prepared models bound them), the
-    output format, and the code version. Without `models`, each model is resolved here, which
-    also proves it is present (or fetches it) before the first image."""
-    if models is None:
-        trusted = TrustedModels(model_store(config))
-        models = {ref: trusted.resolve(ref).sha256 for _, ref in chain.models()}
-    return {
-        "stages": chain.describe(),
-        "models": dict(models),
-        "preset": preset or config.pipeline.preset or None,
-        "output": {"format": config.image.output_format, "quality": config.image.quality},
-        "precision": config.processing.precision,
-        "code_version": code_version(),
-    }
 
 
 def _prepare_models(config: Config, chain: Chain) -> TrustedModels:

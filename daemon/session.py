@@ -15,6 +15,7 @@ from pathlib import Path
 
 from daemon.config import Config
 from daemon.logs import escape_controls
+from daemon.processing import retry_is_worthwhile
 from daemon.publish import (
     Finished,
     PublicationError,
@@ -27,7 +28,7 @@ from daemon.schedule import ActiveHours
 from daemon.store import Store
 from daemon.store.provenance import RunStatus
 from daemon.watcher import safe_name
-from daemon.worker import Outcome, Task, WorkerDied, WorkerPool, not_the_files_fault
+from daemon.worker import Outcome, Task, WorkerDied, WorkerPool
 from pipeline.files import sha256_file
 
 __all__ = ["Session"]
@@ -255,7 +256,7 @@ class Session:
             error = f"{task.source}: publishing in {task.dest_dir} failed: {exc.cause}"
             log.error("failed path=%s error=%s", safe_name(job.path), _one_line(error))
             self._record(running, "failed", error=error, outcome=outcome)
-            self.queue.fail(job, error, retryable=not_the_files_fault(exc.cause))
+            self.queue.fail(job, error, retryable=retry_is_worthwhile(exc.cause))
             self.failures += 1
             return
         log.info(

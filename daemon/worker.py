@@ -4,41 +4,26 @@ out-of-memory kill takes down only that child. The parent publishes what a child
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import multiprocessing
 import os
 import pickle
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from daemon import worker_entry
 from daemon.logs import log_to_stderr
-from daemon.publish import WrittenFile, write_temp
-from daemon.store.provenance import OutputKind
+from daemon.processing import OutputSettings, Stamp, failure_of, process_image
+from daemon.publish import WrittenFile, remove_written
 from pipeline.files import sha256_file
 
-__all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings", "not_the_files_fault"]
+__all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings"]
 
 log = logging.getLogger("scanrestore.worker")
-# OS errors that say something about the machine, not the image: worth another try later.
-_SYSTEM_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ENOSPC", "EDQUOT", "EFBIG", "EACCES", "EPERM", "EROFS", "EIO", "ENOENT", "ESTALE",
-        "ENOTCONN", "ETIMEDOUT", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH",
-        "ECONNRESET", "ECONNABORTED", "EAGAIN", "EINTR", "ENOMEM", "EMFILE", "ENFILE", "EBUSY",
-        "ENODEV", "ENXIO",
-    )
-    if hasattr(errno, name)
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -248,39 +233,30 @@ class _Runner:
         self.models = TrustedModels(model_store(config), settings.models)
 
     def run(self, task: Task) -> Outcome:
-        from pipeline.errors import PipelineError
-
         started = time.perf_counter()
-        temps: list[Path] = []
         try:
-            outcome = self._process(task, temps, started)
-        except PipelineError as exc:
-            outcome = _failure(task, str(exc), exc, not_the_files_fault(exc), started)
-        except MemoryError as exc:
-            outcome = _failure(task, f"{task.source}: out of memory", exc, True, started)
-        except OSError as exc:  # disk full, permissions, a share gone: worth another try
-            outcome = _failure(task, f"{task.source}: {exc}", exc, True, started)
+            outcome = self._process(task, started)
         except Exception as exc:  # a bug on one image must not take the worker down
-            log.error("internal error on %r\n%s", task.source, traceback.format_exc())
-            outcome = _failure(task, f"{task.source}: internal error: {exc!r}", exc, True, started)
-        if outcome.status == "error":
+            failure = failure_of(task.source, exc)
+            if failure.internal:
+                log.error("internal error on %r\n%s", task.source, traceback.format_exc())
+            outcome = Outcome(
+                task,
+                "error",
+                error=failure.message,
+                error_type=failure.error_type,
+                retryable=failure.retryable,
+                seconds=time.perf_counter() - started,
+            )
             outcome = _unless_changed(task, outcome)
-        if outcome.status != "ok":
-            for temp in temps:
-                with contextlib.suppress(OSError):  # a cleanup must never end the worker
-                    temp.unlink(missing_ok=True)
         return outcome
 
-    def _process(self, task: Task, temps: list[Path], started: float) -> Outcome:
-        from pipeline import image as imageio
+    def _process(self, task: Task, started: float) -> Outcome:
         from pipeline.stage import StageContext
-        from pipeline.stamp import stamp
 
         if (change := _source_change(task)) is not None:
             return Outcome(task, "changed", error=f"{change} since it was queued")
-        image = imageio.decode(Path(task.source), max_pixels=self.config.image.max_pixels)
         dest = Path(task.dest_dir)
-        dest.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(
             models=self.models,
             device=self.device,
@@ -288,55 +264,26 @@ class _Runner:
             seed=self.config.processing.seed,
             scratch_dir=dest,
         )
-        result = self.chain.run(image, ctx)
-        stages = [record.as_dict() for record in result.stages]
-        metadata = stamp(
-            result.image.metadata,
-            software=task.software,
-            properties={"RunId": task.run_id, "RecipeSHA256": task.recipe_sha256},
-            stages=[_stage_line(record) for record in stages],
+        made = process_image(
+            Path(task.source),
+            dest,
+            task.stem,
+            chain=self.chain,
+            ctx=ctx,
+            output=replace(OutputSettings.from_config(self.config), mask=task.mask),
+            stamp=Stamp(task.software, task.run_id, task.recipe_sha256),
         )
-        fmt = self.config.image.output_format
-        fmt = image.format if fmt == "same" else fmt
-        files = [
-            self._write(
-                task,
-                temps,
-                "image",
-                imageio.suffix_for(fmt),
-                lambda path: imageio.encode(
-                    result.image.replace(metadata=metadata),
-                    path,
-                    format=fmt,
-                    quality=self.config.image.quality,
-                ),
-            )
-        ]
-        mask = _invented(result.masks, result.image.width, result.image.height)
-        if task.mask and mask is not None:
-            files.append(self._write(task, temps, "mask", ".mask.png", _mask_writer(mask)))
         if (change := _source_change(task)) is not None:
+            remove_written(made.files)
             return Outcome(task, "changed", error=f"{change} while it was processed")
         return Outcome(
             task,
             "ok",
-            files=tuple(files),
-            stages=stages,
+            files=made.files,
+            stages=made.stages,
             seconds=time.perf_counter() - started,
-            device=ctx.device,
+            device=made.device,
         )
-
-    @staticmethod
-    def _write(
-        task: Task,
-        temps: list[Path],
-        kind: OutputKind,
-        suffix: str,
-        write: Callable[[Path], object],
-    ) -> WrittenFile:
-        written = write_temp(Path(task.dest_dir), task.stem, kind, suffix, write)
-        temps.append(written.temp)
-        return written
 
 
 def _source_change(task: Task) -> str | None:
@@ -361,73 +308,3 @@ def _unless_changed(task: Task, failure: Outcome) -> Outcome:
         return failure
     error = f"{change} while it was processed ({failure.error})"
     return Outcome(task, "changed", error=error, seconds=failure.seconds)
-
-
-def _failure(task: Task, message: str, exc: BaseException, retryable: bool, started: float):
-    return Outcome(
-        task,
-        "error",
-        error=message,
-        error_type=type(exc).__name__,
-        retryable=retryable,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def not_the_files_fault(exc: BaseException) -> bool:
-    """Whether another try may succeed: a model problem (tampered, missing) is not the image's
-    fault, nor is an error caused by the system (disk full, permission denied, a share gone).
-    A decoder's own OSError for damaged data ("image file is truncated", a seek to a bogus
-    offset) carries no errno or EINVAL, and a name too long for its output stays too long."""
-    from pipeline.errors import ModelError
-
-    if isinstance(exc, ModelError):
-        return True
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError) and cause.errno in _SYSTEM_ERRNOS:
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-def _stage_line(record: dict[str, Any]) -> str:
-    params = record["params"]
-    model = params.get("model")
-    text = f"{record['stage']} v{record['version']}"
-    if model:
-        text += f" {model} sha256:{params.get('model_sha256')}"
-    if record.get("skipped"):
-        text += f" (skipped: {record['skipped']})"
-    return text
-
-
-def _invented(masks: dict[str, Any], width: int, height: int) -> np.ndarray | None:
-    """One 8-bit mask of every pixel a stage invented, at the output's size (a stage that ran
-    before an upscale returned its mask at the smaller size)."""
-    import cv2
-
-    combined = None
-    for mask in masks.values():
-        mask = np.asarray(mask)
-        if mask.dtype != np.uint8:
-            mask = np.clip(np.rint(mask.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-        if mask.shape[:2] != (height, width):
-            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-        combined = mask if combined is None else np.maximum(combined, mask)
-    return combined
-
-
-def _mask_writer(mask: np.ndarray) -> Callable[[Path], object]:
-    def write(path: Path) -> None:
-        import cv2
-
-        ok, data = cv2.imencode(".png", mask)
-        if not ok:
-            raise OSError(f"{path}: PNG encoding of the mask failed")
-        with open(path, "wb") as handle:
-            handle.write(data.tobytes())
-
-    return write

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,49 @@ def test_process_writes_versioned_outputs_and_json_records(tmp_path, capsys, tin
     _, again = run_json(capsys, *argv, "--scale", "2", "--json")
     assert Path(again[0]["output"]).name == f"{photo.stem}.v2{photo.suffix}"
     assert Path(record["output"]).read_bytes() != b""
+
+
+def test_a_process_output_carries_the_stamp_and_mask_sidecar_of_a_daemon_output(
+    tmp_path, capsys, cache
+):
+    """`scanrestore process` runs daemon.processing like the daemon's workers: the provenance
+    stamp (Software, RunId, recipe hash, stages) in the file, the mask of invented pixels beside
+    it at the same version, and nothing left under a temporary name."""
+    import cv2
+    import numpy as np
+    import piexif
+    from test_image_conformance import exif_dict
+
+    from daemon.publish import TEMP_MARKER
+    from pipeline.image import decode
+
+    ramp = np.linspace(0.2, 0.6, 128, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1)
+    for y, x in ((20, 30), (70, 90), (100, 40)):  # bright specks of dust on a smooth scan
+        pixels[y : y + 2, x : x + 2] = 1.0
+    photo = tmp_path / "dusty.png"
+    cv2.imwrite(str(photo), np.rint(pixels * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    code, (record,) = run_json(
+        capsys, "process", str(photo), "--out", str(out), "--chain", "restore", "--json"
+    )
+    assert code == 0, record
+    assert sorted(p.name for p in out.iterdir()) == ["dusty.v1.mask.png", "dusty.v1.png"]
+    assert not [p for p in out.iterdir() if TEMP_MARKER in p.name]
+    output = decode(Path(record["output"]))
+    software = exif_dict(output.metadata.exif)["0th"][piexif.ImageIFD.Software]
+    assert software.startswith(b"scanrestore ")
+    xmp = output.metadata.xmp.decode()
+    assert re.search(r"<scanrestore:RunId>[0-9a-f]{16}</scanrestore:RunId>", xmp)
+    assert re.search(r"<scanrestore:RecipeSHA256>[0-9a-f]{64}</scanrestore:RecipeSHA256>", xmp)
+    assert "<rdf:li>restore v" in xmp
+    mask = decode(out / "dusty.v1.mask.png")
+    assert (mask.width, mask.height) == (output.width, output.height)
+    assert mask.pixels.max() > 0  # the specks are marked as invented
+    _, (again,) = run_json(
+        capsys, "process", str(photo), "--out", str(out), "--chain", "restore", "--json"
+    )
+    assert Path(again["output"]).name == "dusty.v2.png" and (out / "dusty.v2.mask.png").exists()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=NO_SHARED)
@@ -196,7 +240,8 @@ def test_every_metadata_edge_case_round_trips_through_process_or_is_refused(
         try:
             _check_edge_case(path, record, REFUSED, decode)
             if record["status"] == "ok":
-                source, output = decode(path), decode(Path(record["output"]))
+                output = decode(Path(record["output"]))
+                source = _as_stamped(decode(path), output, record)
                 assert_exif_kept(source, output)
                 assert_side_metadata_kept(source, output)
                 expected = np.repeat(np.repeat(source.pixels, 2, axis=0), 2, axis=1)
@@ -208,6 +253,27 @@ def test_every_metadata_edge_case_round_trips_through_process_or_is_refused(
         except AssertionError as exc:
             failures.append(f"{path.name}: {exc}")
     assert not failures, "\n".join(failures)
+
+
+def _as_stamped(source, output, record):
+    """`source` with the provenance stamp `output` carries (Software, RunId, recipe, stages):
+    the metadata an output must keep is the original's plus that stamp, nothing else."""
+    import re
+
+    from daemon.processing import code_version, stage_line
+    from pipeline.stamp import stamp
+
+    fields = dict(re.findall(rb"<scanrestore:(RunId|RecipeSHA256)>([^<]*)<", output.metadata.xmp))
+    metadata = stamp(
+        source.metadata,
+        software=f"scanrestore {code_version()}",
+        properties={
+            "RunId": fields[b"RunId"].decode(),
+            "RecipeSHA256": fields[b"RecipeSHA256"].decode(),
+        },
+        stages=[stage_line(stage) for stage in record["stages"]],
+    )
+    return source.replace(metadata=metadata)
 
 
 def _check_edge_case(path, record, refused, decode) -> None:
