@@ -1,4 +1,4 @@
-"""Schedules: the processing window (`active_hours`) and the periodic jobs (rescan, fixity audit,
+"""Schedules: the processing window (`active_hours`) and the routines (rescan, fixity audit,
 database backup), run in-process by APScheduler with missed runs coalesced into one, DST-safe
 and steady across wall-clock jumps."""
 
@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from tzlocal import get_localzone
 
-__all__ = ["ActiveHours", "JobState", "Schedules", "parse_time_of_day"]
+__all__ = ["ActiveHours", "RoutineState", "Schedules", "parse_time_of_day"]
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ class _Daily(BaseTrigger):
 
 
 @dataclass(frozen=True)
-class JobState:
-    """One job as `status` shows it (times aware; None for never)."""
+class RoutineState:
+    """One routine as `status` shows it (times aware; None for never)."""
 
     id: str
     schedule: str
@@ -276,8 +276,9 @@ class JobState:
     running: bool
 
 
-class _Job:
-    """Our side of a job: the callable, its trigger and what its last run did."""
+class _Routine:
+    """A periodic routine (an APScheduler job on its side): the callable, its trigger and what
+    its last run did."""
 
     def __init__(self, func: Callable[[], object], trigger: _Every | _Daily) -> None:
         self.func, self.trigger = func, trigger
@@ -328,11 +329,11 @@ class _Scheduler(BackgroundScheduler):
 
 
 class Schedules:
-    """The daemon's periodic jobs, in-process (memory job store, nothing shared).
+    """The daemon's routines, run in-process by APScheduler (memory job store, nothing shared).
 
-    Each job is a plain callable run in a scheduler thread (so it opens its own database
+    Each routine is a plain callable run in a scheduler thread (so it opens its own database
     connection). Missed runs coalesce into one, one instance at a time, a run late by up to a
-    period still happens; an exception is logged and kept for `jobs()`, and never stops the
+    period still happens; an exception is logged and kept for `routines()`, and never stops the
     scheduler or other jobs. `shutdown()` waits for running jobs and joins every thread.
 
     `timezone` is the zone of daily times (default: the system's). The scheduler looks at the
@@ -344,7 +345,7 @@ class Schedules:
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self.timezone = timezone if timezone is not None else get_localzone()
-        self._jobs: dict[str, _Job] = {}
+        self._routines: dict[str, _Routine] = {}
         self._lock = threading.Lock()
         self._wall_before: tuple[datetime, float] | None = None
         self._scheduler = _Scheduler(
@@ -369,9 +370,9 @@ class Schedules:
         self._add(job_id, func, _Daily(wall, self.timezone))
 
     def _add(self, job_id: str, func: Callable[[], object], trigger: _Every | _Daily) -> None:
-        if job_id in self._jobs:
+        if job_id in self._routines:
             raise ValueError(f"job {job_id!r} is already scheduled")
-        self._jobs[job_id] = _Job(func, trigger)
+        self._routines[job_id] = _Routine(func, trigger)
         self._scheduler.add_job(
             self._run,
             trigger,
@@ -385,7 +386,7 @@ class Schedules:
     def start(self) -> None:
         now = _elapsed()
         with self._lock:
-            for job in self._jobs.values():
+            for job in self._routines.values():
                 job.reference = now  # a job's first period begins when the scheduler does
         self._scheduler.start()
 
@@ -405,15 +406,15 @@ class Schedules:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
-    def jobs(self) -> list[JobState]:
-        """Every job: its schedule, next run and last outcome (for `status`)."""
+    def routines(self) -> list[RoutineState]:
+        """Every routine: its schedule, next run and last outcome (for `status`)."""
         states = []
-        for job_id, job in list(self._jobs.items()):
+        for job_id, job in list(self._routines.items()):
             scheduled = self._scheduler.get_job(job_id)
             next_run = getattr(scheduled, "next_run_time", None)
             with self._lock:
                 states.append(
-                    JobState(
+                    RoutineState(
                         id=job_id,
                         schedule=str(job.trigger),
                         next_run_at=next_run,
@@ -426,7 +427,7 @@ class Schedules:
         return states
 
     def _run(self, job_id: str) -> None:
-        job = self._jobs[job_id]
+        job = self._routines[job_id]
         with self._lock:
             job.last_started_at, job.running = _now(), True
         error = None
@@ -440,21 +441,21 @@ class Schedules:
                 job.last_finished_at, job.last_error, job.running = _now(), error, False
 
     def _submitted(self, event: JobSubmissionEvent) -> None:
-        job = self._jobs.get(event.job_id)
+        job = self._routines.get(event.job_id)
         if job is not None:
             with self._lock:
                 job.reference = _elapsed()
 
     def _keep_on_schedule(self) -> None:
-        """Before each round: note a clock jump, and move next runs as `_Job` explains."""
+        """Before each round: note a clock jump, and move next runs as `_Routine` explains."""
         now, elapsed = _clocks()
         self._note_jump(now, elapsed)
         for scheduled in self._scheduler.get_jobs():
             next_run = scheduled.next_run_time
-            if next_run is None or scheduled.id not in self._jobs:
+            if next_run is None or scheduled.id not in self._routines:
                 continue
             with self._lock:
-                moved = self._jobs[scheduled.id].keep_on_schedule(next_run, now, elapsed)
+                moved = self._routines[scheduled.id].keep_on_schedule(next_run, now, elapsed)
             if moved != next_run:
                 log.info("job %s: next run moved from %s to %s", scheduled.id, next_run, moved)
                 self._scheduler.modify_job(scheduled.id, next_run_time=moved)

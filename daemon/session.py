@@ -134,7 +134,7 @@ class Session:
             relative = Path(job.path)
             task = Task(
                 job_id=job.id,
-                run_id=secrets.token_hex(8),
+                run_token=secrets.token_hex(8),
                 source=str(self.input / relative),
                 source_sha256=job.source_sha256,
                 dest_dir=str(self.output / relative.parent),
@@ -230,7 +230,7 @@ class Session:
             device=outcome.device if outcome else None,
             error=error,
             job_id=job.id,
-            run_token=running.task.run_id,
+            run_token=running.task.run_token,
             stages=outcome.stages if outcome else (),
         )
 
@@ -242,7 +242,7 @@ class Session:
         job, task = running.job, running.task
         finished = Finished(
             job=job,
-            run_token=task.run_id,
+            run_token=task.run_token,
             started_at=running.started_at,
             dest_dir=Path(task.dest_dir),
             stem=task.stem,

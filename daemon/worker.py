@@ -41,7 +41,7 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class Task:
     job_id: int
-    run_id: str
+    run_token: str  # hex, written into the outputs (XMP RunId); the store's run id is an integer
     source: str  # absolute path of the original, opened read-only
     source_sha256: str  # what ingest hashed; a different hash now means the scan changed
     dest_dir: str
@@ -271,7 +271,7 @@ class _Runner:
             chain=self.chain,
             ctx=ctx,
             output=replace(OutputSettings.from_config(self.config), mask=task.mask),
-            stamp=Stamp(task.software, task.run_id, task.recipe_sha256),
+            stamp=Stamp(task.software, task.run_token, task.recipe_sha256),
         )
         if (change := _source_change(task)) is not None:
             remove_written(made.files)

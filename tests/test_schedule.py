@@ -309,12 +309,12 @@ def until_idle(schedules: Schedules, predicate: Callable[[], bool]) -> None:
     """Wait for `predicate`, then until no job runs and the scheduler has finished its round
     (a run still finishing would make the next one skip as a second instance)."""
     wait_for(predicate)
-    wait_for(lambda: not any(job.running for job in schedules.jobs()))
+    wait_for(lambda: not any(job.running for job in schedules.routines()))
     settle(schedules)
 
 
 def next_run(schedules: Schedules, job_id: str) -> datetime:
-    (state,) = [job for job in schedules.jobs() if job.id == job_id]
+    (state,) = [job for job in schedules.routines() if job.id == job_id]
     assert state.next_run_at is not None
     return state.next_run_at
 
@@ -361,7 +361,7 @@ def test_forward_jump_coalesces_missed_runs_into_one_each(
         clock.jump(10 * 86400)  # 14 400 missed rescans, 10 missed audits and backups
         until_idle(schedules, lambda: (rescan.calls, fixity.calls, backup.calls) == (1, 1, 1))
     assert (rescan.calls, fixity.calls, backup.calls) == (1, 1, 1)
-    assert all(job.next_run_at > clock.wall for job in schedules.jobs())
+    assert all(job.next_run_at > clock.wall for job in schedules.routines())
     assert "jumped forward by 10 days" in caplog.text
 
 
@@ -463,7 +463,7 @@ def test_failing_job_is_logged_and_others_keep_running(
             until_idle(
                 schedules, lambda expected=expected: (good.calls, failures.calls) == (expected,) * 2
             )
-    states = {job.id: job for job in schedules.jobs()}
+    states = {job.id: job for job in schedules.routines()}
     assert states["backup"].last_error == "OSError: backup target is gone"
     assert states["rescan"].last_error is None
     assert states["rescan"].last_finished_at == clock.wall
@@ -488,9 +488,9 @@ def test_a_job_still_running_is_not_started_again(schedules: Schedules, clock: F
         clock.advance(60)
         settle(schedules)
     assert started.calls == 1
-    assert [job.running for job in schedules.jobs()] == [True]
+    assert [job.running for job in schedules.routines()] == [True]
     release.set()
-    wait_for(lambda: not schedules.jobs()[0].running)
+    wait_for(lambda: not schedules.routines()[0].running)
     clock.advance(60)
     wait_for(lambda: started.calls == 2)
 
@@ -530,11 +530,11 @@ def test_jobs_describe_their_schedule_before_and_after_start(
 ) -> None:
     schedules.add_interval("rescan", Counter(), 900)
     schedules.add_daily("backup", Counter(), "04:00")
-    before = {job.id: job for job in schedules.jobs()}
+    before = {job.id: job for job in schedules.routines()}
     assert before["rescan"].schedule == "every 900 s"
     assert before["backup"].schedule == "daily at 04:00 (Europe/Berlin)"
     assert before["backup"].next_run_at is None  # not started
     schedules.start()
-    after = {job.id: job for job in schedules.jobs()}
+    after = {job.id: job for job in schedules.routines()}
     assert after["backup"].next_run_at == berlin(2024, 3, 31, 4, 0)
     assert after["rescan"].last_started_at is None

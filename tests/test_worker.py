@@ -38,7 +38,7 @@ def pool(tmp_path_factory):
 def _task(source: Path, dest: Path, **changes) -> Task:
     fields = {
         "job_id": 1,
-        "run_id": "run-1",
+        "run_token": "run-1",
         "source": str(source),
         "source_sha256": sha256_file(source),
         "dest_dir": str(dest),
