@@ -90,8 +90,10 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(precision: str, device: str, descriptor: Any) -> str:
     """Pick the fastest precision that keeps output equal to fp32 within our tolerance.
 
-    CUDA: fp16 where the architecture supports it. CPU: bf16 autocast only where the CPU has
-    native bf16; measured on an AVX2-only EPYC it is ~10x slower than fp32 (bench/upscale.py).
+    CUDA: fp16 where the architecture supports it. CPU: always fp32. bf16 keeps 8 bits of
+    mantissa, so even with native kernels (AVX-512 BF16, AMX) a 16-bit scan came back with
+    errors of 2^-9 (1/8 of a 12-bit step), and on AVX2-only CPUs it is emulated, ~10x slower
+    (bench/upscale.py); it stays available, asked for by name.
     """
     if precision not in PRECISIONS:
         raise StageError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
@@ -99,8 +101,6 @@ def resolve_precision(precision: str, device: str, descriptor: Any) -> str:
     if precision == "auto":
         if kind == "cuda":
             return "fp16" if descriptor.supports_half else "fp32"
-        if kind == "cpu" and descriptor.supports_bfloat16 and cpu_has_fast_bf16():
-            return "bf16"
         return "fp32"
     if precision == "fp16" and not descriptor.supports_half:
         raise StageError(f"{descriptor.architecture.id} does not support fp16")

@@ -134,14 +134,15 @@ def test_out_of_memory_below_the_minimum_tile_is_raised(tmp_path):
         run_tiled(engine, random_image(100, 100), TileSettings(tile=64, overlap=8))
 
 
-def test_auto_precision_is_exact_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
+def test_auto_precision_is_exact_fp32_on_a_cpu_with_or_without_native_bf16(tmp_path, monkeypatch):
     import pipeline.tiling as tiling
 
     loaded = ModelStore(tmp_path / "cache").load(str(tiny_compact(tmp_path / "c.pth")))
     monkeypatch.setattr(tiling, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", "cpu", loaded.descriptor) == "fp32"
     monkeypatch.setattr(tiling, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_precision("auto", "cpu", loaded.descriptor) == "bf16"
+    assert resolve_precision("auto", "cpu", loaded.descriptor) == "fp32"
+    assert resolve_precision("bf16", "cpu", loaded.descriptor) == "bf16"  # only when asked
     assert resolve_precision("auto", "cuda", loaded.descriptor) == "fp16"
     with pytest.raises(StageError, match="fp16 is not supported on the CPU"):
         resolve_precision("fp16", "cpu", loaded.descriptor)
