@@ -1,39 +1,34 @@
-"""The durable job queue, in the store's SQLite file: queued -> running (lease + heartbeat) ->
-done | failed (retried with exponential backoff) | quarantined (with a reason) | superseded."""
+"""The queue itself: jobs over the store's connection, queued -> running (lease + heartbeat)
+-> done | failed (retried with exponential backoff) | quarantined (with a reason) |
+superseded, and the publication plan a job carries while its outputs are linked into place."""
 
 from __future__ import annotations
 
-import functools
-import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from daemon.queue.holders import UNKNOWN, ProcessId, process_alive
 from daemon.store import (
     Clock,
-    Migration,
     Store,
     db_path,
     from_timestamp,
     path_from_db,
-    script,
     timestamp,
 )
 
 __all__ = [
     "ACTIVE_STATES",
-    "JOB_MIGRATIONS",
     "STATES",
     "Coverage",
     "Enqueued",
     "Job",
     "JobQueue",
     "LeaseLostError",
-    "ProcessId",
     "QueueError",
 ]
 
@@ -42,59 +37,6 @@ STATES: tuple[State, ...] = ("queued", "running", "done", "failed", "quarantined
 ACTIVE_STATES: tuple[State, ...] = ("queued", "running", "failed")  # still to be done
 _ACTIVE_SQL = "('queued', 'running', 'failed')"
 _RETRYABLE = ("failed", "quarantined")
-_UNKNOWN = "-"
-
-# The only mutable table. A lease exists exactly while a job runs, and a (path, bytes, recipe)
-# has at most one job that is still to be done.
-_JOBS = """
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,
-    path ANY NOT NULL,
-    source_sha256 TEXT NOT NULL,
-    recipe_sha256 TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (
-        state IN ('queued', 'running', 'done', 'failed', 'quarantined', 'superseded')),
-    force INTEGER NOT NULL CHECK (force IN (0, 1)),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    worker_deaths INTEGER NOT NULL DEFAULT 0,
-    lease_id TEXT,
-    lease_owner TEXT,
-    lease_process TEXT,
-    lease_expires_at TEXT,
-    lease_expires_mono REAL,
-    heartbeat_at TEXT,
-    next_attempt_at TEXT NOT NULL,
-    last_error TEXT,
-    quarantine_reason TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    finished_at TEXT,
-    CHECK ((state = 'running') = (lease_id IS NOT NULL AND lease_owner IS NOT NULL
-        AND lease_process IS NOT NULL AND lease_expires_at IS NOT NULL
-        AND lease_expires_mono IS NOT NULL)),
-    CHECK (state != 'quarantined' OR quarantine_reason IS NOT NULL)
-) STRICT;
-CREATE UNIQUE INDEX jobs_one_active ON jobs (path, source_sha256, recipe_sha256)
-    WHERE state IN ('queued', 'running', 'failed');
-CREATE INDEX jobs_due ON jobs (state, next_attempt_at, id);
-CREATE INDEX jobs_key ON jobs (source_sha256, recipe_sha256, state);
-CREATE INDEX jobs_path ON jobs (path, recipe_sha256);
-"""
-
-# A job's publication plan (the final names and hashes of its outputs) is recorded before the
-# files are linked into place, so a crash between linking and recording finishes the record
-# on restart instead of publishing the same recipe twice. The store's part of the same step
-# adds the run token.
-_PUBLICATION = """
-ALTER TABLE jobs ADD COLUMN publishing TEXT;
-"""
-
-# The `jobs` table's history; the store runs it with its own (daemon.store.database_migrations).
-JOB_MIGRATIONS: tuple[Migration, ...] = (
-    Migration("0002_jobs", script(_JOBS)),
-    Migration("0003_publication", script(_PUBLICATION)),
-)
 
 
 class QueueError(Exception):
@@ -110,64 +52,6 @@ class LeaseLostError(QueueError):
         super().__init__(
             f"job {job.id} ({job.path}): lease {job.lease_id} of {job.lease_owner} was lost"
         )
-
-
-@dataclass(frozen=True)
-class ProcessId:
-    """Who holds a lease, precisely enough to tell from the same machine whether it still
-    lives: host, boot, pid and the process's start time (so a reused pid is not mistaken for
-    the owner). `_UNKNOWN` fields where the platform cannot say."""
-
-    host: str
-    boot: str
-    pid: int
-    started: str
-
-    @classmethod
-    def current(cls) -> ProcessId:
-        pid = os.getpid()
-        return cls(socket.gethostname(), _boot_id(), pid, _start_ticks(pid) or _UNKNOWN)
-
-    @classmethod
-    def parse(cls, text: str) -> ProcessId:
-        host, boot, pid, started = text.split(" ")
-        return cls(host, boot, int(pid), started)
-
-    def __str__(self) -> str:
-        return f"{self.host} {self.boot} {self.pid} {self.started}"
-
-
-@functools.cache
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip() or _UNKNOWN
-    except OSError:
-        return _UNKNOWN
-
-
-def _start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), None if it is not running
-    (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def process_alive(holder: ProcessId) -> bool:
-    """Whether the lease holder still runs, asked from the same host and boot."""
-    if holder.started != _UNKNOWN and os.path.isdir("/proc/self"):
-        return _start_ticks(holder.pid) == holder.started
-    try:
-        os.kill(holder.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -481,7 +365,7 @@ class JobQueue:
         self, job: Job, expires_mono: float, here: ProcessId, now: datetime, mono: float
     ) -> str | None:
         holder = ProcessId.parse(job.lease_process or "")
-        if holder.host != here.host or _UNKNOWN in (holder.boot, here.boot):
+        if holder.host != here.host or UNKNOWN in (holder.boot, here.boot):
             expires = job.lease_expires_at
             return "lease expired" if expires is not None and now >= expires else None
         if holder.boot != here.boot:

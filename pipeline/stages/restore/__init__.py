@@ -1,0 +1,188 @@
+"""Restoration of scanned prints, each part switchable: compression artefacts (an optional
+learned model), fading and colour cast (levels and white balance from robust percentiles), and
+dust and scratches (detected, inpainted, and reported as a mask of invented pixels)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import spandrel
+from pydantic import Field, model_validator
+
+from pipeline.errors import StageError
+from pipeline.image import Image
+from pipeline.stage import StageContext, StageOptions, StageResult, check_tiling
+from pipeline.stages.engines import EngineCache, registered_loader
+from pipeline.stages.restore.colour import correct_colour
+from pipeline.stages.restore.inpaint import (
+    LAMA_CONTEXT,
+    LAMA_TILE,
+    inpaint_opencv,
+    inpaint_tile_lama,
+    tiles_with_mask,
+)
+from pipeline.stages.restore.scratches import Detector, detect_defects
+from pipeline.stages.restore.shared import copy_pixels
+from pipeline.tiling import TileSettings, auto_overlap, luma, run_tiled
+
+__all__ = ["RestoreOptions", "RestoreStage"]
+
+
+class RestoreOptions(StageOptions):
+    # Fading and colour cast: white balance and levels from the low/high percentiles of each
+    # channel, applied only when the measured cast or fade passes its threshold (ramping to
+    # full strength 0.1 above it), so a balanced image is left exactly as it is.
+    colour: bool = True
+    # Largest cast left alone: how far one channel's black or white point lies from the
+    # darkest black / brightest white of any channel, as a share of that range.
+    cast_threshold: float = Field(0.30, ge=0, le=1)
+    # Largest fade left alone: the share of 0..1 the image's tonal range no longer spans.
+    fade_threshold: float = Field(0.25, ge=0, le=1)
+    low_percentile: float = Field(0.5, ge=0, lt=50)
+    high_percentile: float = Field(99.5, gt=50, le=100)
+    # Dust and scratches: thin bright or dark defects, found on the luma and inpainted.
+    dust: bool = True
+    # 0..1: higher also finds fainter defects and defects on busier backgrounds (see Detector).
+    sensitivity: float = Field(0.5, ge=0, le=1)
+    # Widest scratch or speck (pixels) treated as a defect; wider features are never touched.
+    max_defect_px: int = Field(4, ge=2, le=64)
+    inpaint: Literal["telea", "ns"] = "telea"
+    # A LaMa inpainting model (registry id or path) used instead of OpenCV.
+    inpaint_model: str | None = None
+    # Compression artefacts: any spandrel 1x restoration model (e.g. FBCNN), id or path.
+    artefact_model: str | None = None
+    tile: int = Field(256, ge=0)
+    overlap: int | Literal["auto"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> RestoreOptions:
+        if not (self.colour or self.dust or self.artefact_model):
+            raise ValueError("restore does nothing: colour and dust are off and no artefact_model")
+        if self.low_percentile >= self.high_percentile:
+            raise ValueError("low_percentile: must be below high_percentile")
+        if self.inpaint_model is not None and not self.dust:
+            raise ValueError("inpaint_model: only used when dust is true")
+        check_tiling(self.tile, self.overlap)
+        return self
+
+
+class RestoreStage:
+    """Repair what time did to a print: JPEG artefacts, fading, casts, dust and scratches."""
+
+    name: ClassVar[str] = "restore"
+    version: ClassVar[int] = 1
+    Options: ClassVar[type[StageOptions]] = RestoreOptions
+
+    def __init__(self, options: RestoreOptions | None = None) -> None:
+        self.options = options or RestoreOptions()
+        self._engines = EngineCache()
+
+    def models(self) -> list[str]:
+        opts = self.options
+        inpainter = opts.inpaint_model if opts.dust else None
+        return [ref for ref in (opts.artefact_model, inpainter) if ref is not None]
+
+    def run(self, image: Image, ctx: StageContext) -> StageResult:
+        opts = self.options
+        pixels, owned = image.pixels, False
+        params: dict[str, Any] = {"artefacts": None, "colour": None, "dust": None}
+        done: list[str] = []
+        if opts.artefact_model is not None:
+            pixels, params["artefacts"] = self._artefacts(pixels, ctx)
+            owned = True
+            done.append("artefacts")
+        mask = None
+        if opts.colour:
+            pixels, params["colour"], changed = correct_colour(
+                pixels, image.alpha, opts, pixels if owned else None, ctx.scratch_dir
+            )
+            owned = owned or changed
+            if changed:
+                done.append("colour")
+        if opts.dust:
+            pixels, mask, params["dust"] = self._dust(pixels, ctx, owned)
+            if mask is not None:
+                done.append("dust")
+        params["parts"] = done
+        if not done:
+            return StageResult(image=image, params=params, skipped=_nothing_done(opts))
+        return StageResult(image=image.replace(pixels=pixels), params=params, mask=mask)
+
+    # --- compression artefacts
+
+    def _artefacts(self, pixels: np.ndarray, ctx: StageContext) -> tuple[np.ndarray, dict]:
+        opts = self.options
+        ref = opts.artefact_model
+        assert ref is not None
+        load = registered_loader(ctx, ref, _require_restorer)
+        engine, params = self._engines.get(ref, ctx, opts.precision, load)
+        grey = pixels.shape[2] == 1
+        via_rgb = grey and engine.in_channels == 3
+        if not grey and engine.in_channels == 1:
+            raise StageError(f"restore: artefact model {ref} takes greyscale input only")
+        source = np.repeat(pixels, 3, axis=2) if via_rgb else pixels
+        overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
+        settings = TileSettings(tile=opts.tile, overlap=overlap, scratch_dir=ctx.scratch_dir)
+        tiled = run_tiled(engine, source, settings, progress=ctx.progress)
+        out = luma(tiled.pixels, settings) if via_rgb else tiled.pixels
+        tile = tiled.tile if opts.tile else 0
+        extra = {"tile": tile, "overlap": overlap, "greyscale_via_rgb": via_rgb}
+        return out.reshape(pixels.shape), {**params, **extra}
+
+    # --- dust and scratches
+
+    def _dust(
+        self, pixels: np.ndarray, ctx: StageContext, owned: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        opts = self.options
+        detector = Detector.from_options(opts.sensitivity, opts.max_defect_px)
+        mask, found = detect_defects(pixels, detector)
+        repaired = int(np.count_nonzero(mask))
+        params: dict[str, Any] = {
+            "sensitivity": opts.sensitivity,
+            "max_defect_px": opts.max_defect_px,
+            "defects": found,
+            "repaired_pixels": repaired,
+            "inpaint": opts.inpaint if opts.inpaint_model is None else "model",
+        }
+        if not repaired:
+            return pixels, None, params
+        out = pixels if owned else copy_pixels(pixels, ctx.scratch_dir)
+        if opts.inpaint_model is None:
+            inpaint_opencv(out, mask, opts.inpaint, detector.radius)
+        else:
+            params.update(self._inpaint_learned(out, mask, ctx))
+        return out, mask, params
+
+    def _inpaint_learned(self, out: np.ndarray, mask: np.ndarray, ctx: StageContext) -> dict:
+        opts = self.options
+        ref = opts.inpaint_model
+        assert ref is not None
+        load = registered_loader(ctx, ref, _require_inpainter)
+        engine, params = self._engines.get(ref, ctx, opts.precision, load)
+        for core, padded in tiles_with_mask(mask, LAMA_TILE, LAMA_CONTEXT):
+            inpaint_tile_lama(engine, out, mask, core, padded)
+        return {f"inpaint_{key}": value for key, value in params.items()}
+
+
+def _nothing_done(opts: RestoreOptions) -> str:
+    reasons = []
+    if opts.colour:
+        reasons.append("already balanced")
+    if opts.dust:
+        reasons.append("no defects found")
+    return ", ".join(reasons)
+
+
+def _require_restorer(descriptor: Any, ref: str) -> None:
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.scale != 1:
+        kind = getattr(getattr(descriptor, "architecture", None), "id", "not an image model")
+        raise StageError(f"restore: artefact model {ref} is not a 1x restoration model ({kind})")
+
+
+def _require_inpainter(descriptor: Any, ref: str) -> None:
+    if not isinstance(descriptor, spandrel.MaskedImageModelDescriptor):
+        kind = getattr(getattr(descriptor, "architecture", None), "id", "not an image model")
+        raise StageError(f"restore: inpaint model {ref} is not an inpainting model ({kind})")
