@@ -8,11 +8,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.chain import Chain, ChainConfigError, build_chain
 from pipeline.image import DEFAULT_MAX_PIXELS
 from pipeline.models import ModelStore, default_cache_dir
+from pipeline.sourcetype import source_type_uri
 
 __all__ = ["PRESETS", "Config", "ConfigError", "load_config", "model_store", "parse_config"]
 
@@ -31,9 +39,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Permissive licences: a model under any of them may be used, commercially too. "unknown" is a
+# file given by path, or imported without --licence: the user's own choice of weights.
+PERMISSIVE_LICENCES = (
+    "Apache-2.0",
+    "BSD-2-Clause",
+    "BSD-3-Clause",
+    "MIT",
+    "ISC",
+    "Zlib",
+    "CC0-1.0",
+    "CC-BY-4.0",
+    "Unlicense",
+    "unknown",
+)
+
+
 class ModelsConfig(_Section):
     cache_dir: str = ""
     auto_fetch: bool = True
+    allowed_licences: tuple[str, ...] = PERMISSIVE_LICENCES
 
 
 class ProcessingConfig(_Section):
@@ -136,6 +161,31 @@ class ScheduleConfig(_Section):
         return value
 
 
+class ProvenanceConfig(_Section):
+    # What the collection's scans are of, as an IPTC digital source type ("print",
+    # "negativeFilm", ...): recorded as the source's where a scan's XMP states none.
+    source_type: str = ""
+    # C2PA signing of outputs: a PEM certificate chain and its private key ("" = off).
+    c2pa_cert: str = ""
+    c2pa_key: str = ""
+
+    @field_validator("source_type")
+    @classmethod
+    def _source_type(cls, value: str) -> str:
+        if value:
+            source_type_uri(value)  # its ValueError names the allowed codes
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> ProvenanceConfig:
+        if bool(self.c2pa_cert) != bool(self.c2pa_key):
+            raise ValueError("c2pa_cert and c2pa_key: set both to sign outputs, or neither")
+        return self
+
+    def source_type_uri(self) -> str | None:
+        return source_type_uri(self.source_type) if self.source_type else None
+
+
 class Config(_Section):
     models: ModelsConfig = ModelsConfig()
     processing: ProcessingConfig = ProcessingConfig()
@@ -144,6 +194,7 @@ class Config(_Section):
     watch: WatchConfig = WatchConfig()
     daemon: DaemonConfig = DaemonConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    provenance: ProvenanceConfig = ProvenanceConfig()
     presets: dict[str, tuple[dict[str, Any], ...]] = {}
 
     def presets_all(self) -> dict[str, tuple[dict[str, Any], ...]]:

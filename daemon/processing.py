@@ -5,7 +5,7 @@ of invented pixels as fsynced temporary files beside their final names (see daem
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,6 +16,8 @@ import numpy as np
 from daemon.config import Config, model_store
 from daemon.publish import WrittenFile, remove_written, write_temp
 from pipeline.chain import Chain
+from pipeline.image import Metadata
+from pipeline.sourcetype import digital_source_type, models_used, with_licences
 from pipeline.stage import StageContext
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "recipe_of",
     "retry_is_worthwhile",
     "stage_line",
+    "stamped_metadata",
 ]
 
 # OS errors that say something about the machine, not the image: worth another try later.
@@ -132,12 +135,14 @@ def failure_of(source: Path | str, exc: BaseException) -> Failure:
 @dataclass(frozen=True)
 class OutputSettings:
     """How outputs are written: the format ("same" keeps the input's), its quality, the largest
-    input accepted, and whether the mask of invented pixels is written as a sidecar."""
+    input accepted, whether the mask of invented pixels is written as a sidecar, and what the
+    collection's scans are of (an IPTC digital source type URI, or None)."""
 
     format: str
     quality: int
     max_pixels: int
     mask: bool = True
+    source_type: str | None = None
 
     @classmethod
     def from_config(cls, config: Config, *, output_format: str | None = None) -> OutputSettings:
@@ -146,6 +151,7 @@ class OutputSettings:
             quality=config.image.quality,
             max_pixels=config.image.max_pixels,
             mask=config.daemon.mask_sidecar,
+            source_type=config.provenance.source_type_uri(),
         )
 
 
@@ -183,18 +189,12 @@ def process_image(
     """Decode `source`, run `chain`, stamp the result, and write `<stem>`'s image (and mask)
     as temporary files in `dest_dir`. On any failure nothing written is left behind."""
     from pipeline import image as imageio
-    from pipeline.stamp import stamp as stamp_metadata
 
     image = imageio.decode(source, max_pixels=output.max_pixels)
     dest_dir.mkdir(parents=True, exist_ok=True)
     result = chain.run(image, ctx)
-    stages = [record.as_dict() for record in result.stages]
-    metadata = stamp_metadata(
-        result.image.metadata,
-        software=stamp.software,
-        properties={"RunId": stamp.run_token, "RecipeSHA256": stamp.recipe_sha256},
-        stages=[stage_line(record) for record in stages],
-    )
+    stages = with_licences([record.as_dict() for record in result.stages], _licences(chain, ctx))
+    metadata = stamped_metadata(result.image.metadata, stages, stamp, output.source_type)
     fmt = image.format if output.format == "same" else output.format
     formats: list[str] = []
 
@@ -211,6 +211,55 @@ def process_image(
         remove_written(files)
         raise
     return Processed(tuple(files), stages, ctx.device, formats[0])
+
+
+def stamped_metadata(
+    metadata: Metadata,
+    stages: Sequence[Mapping[str, Any]],
+    stamp: Stamp,
+    source_type: str | None = None,
+) -> Metadata:
+    """`metadata` (the chain's result's) with the provenance stamp: Software, RunId, recipe
+    hash, one line per stage and per model (hash and licence), and IPTC's DigitalSourceType
+    with the AI systems that made pixels (`source_type`: the collection's, recorded as the
+    source's where its own XMP states none)."""
+    from pipeline.stamp import Disclosure
+    from pipeline.stamp import stamp as stamp_metadata
+
+    used = models_used(stages)
+    makers = list({(use.id, use.sha256): use for use in used if use.made_pixels}.values())
+    disclosure = Disclosure(
+        digital_source_type(stages),
+        default_source_type=source_type,
+        ai_systems=tuple(use.id for use in makers),
+        ai_system_versions=tuple(f"sha256:{use.sha256}" for use in makers),
+    )
+    models = {
+        (use.id, use.sha256): f"{use.id} sha256:{use.sha256} licence:{use.licence or 'unknown'}"
+        for use in used
+    }
+    return stamp_metadata(
+        metadata,
+        software=stamp.software,
+        properties={"RunId": stamp.run_token, "RecipeSHA256": stamp.recipe_sha256},
+        stages=[stage_line(record) for record in stages],
+        models=list(models.values()),
+        disclosure=disclosure,
+    )
+
+
+def _licences(chain: Chain, ctx: StageContext) -> dict[str, str]:
+    """Model id -> licence for every model the chain may use: the registry's and catalogue's
+    entries, and each file the chain names by path ("unknown" unless it is a known model)."""
+    models = ctx.models
+    store = getattr(models, "store", models)  # TrustedModels wraps a ModelStore
+    specs = store.specs()
+    licences = {model_id: spec.licence for model_id, spec in specs.items()}
+    for _, ref in chain.models():
+        if ref not in specs:
+            resolved = models.resolve(ref)  # bound already: no file is hashed again
+            licences[resolved.id] = resolved.spec.licence
+    return licences
 
 
 def stage_line(record: Mapping[str, Any]) -> str:

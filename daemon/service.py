@@ -150,6 +150,12 @@ class Daemon:
         )
         chain = self.config.chain(self.preset)
         models = _prepare_models(self.config, chain)
+        where = f"presets.{self.preset or self.config.pipeline.preset}"
+        chain.check_licences(
+            models,
+            self.config.models.allowed_licences,
+            path=where if self.preset or self.config.pipeline.preset else "pipeline.stages",
+        )
         recipe = recipe_of(self.config, chain, self.preset, models.expected)
         recipe_sha256 = store.record_recipe(recipe)
         publisher = Publisher(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,33 @@ class Chain:
         ]
         if problems:
             raise ChainConfigError(problems)
+
+    def check_licences(
+        self,
+        models: TrustedModels,
+        allowed: Collection[str],
+        *,
+        path: str = "pipeline.stages",
+        key: str = "models.allowed_licences",
+    ) -> dict[str, str]:
+        """Every model's licence (model id -> licence), refusing the chain, one line per model,
+        naming the stage, the model and its licence, where a licence is not in `allowed`. An id
+        takes its registry or catalogue licence (nothing is fetched); a path is resolved through
+        `models`, which hashes it once, as preparing does anyway."""
+        specs = models.store.specs()
+        licences: dict[str, str] = {}
+        problems: list[str] = []
+        for index, ref in self.models():
+            spec = specs[ref] if ref in specs else models.resolve(ref).spec
+            licences[spec.id] = spec.licence
+            if spec.licence not in allowed:
+                problems.append(
+                    f"{path}[{index}] ({self.stages[index].name}): model {spec.id} has licence "
+                    f"{spec.licence!r}, which {key} does not allow ({', '.join(allowed)})"
+                )
+        if problems:
+            raise ChainConfigError(problems)
+        return licences
 
     def prepare_models(self, store: ModelStore) -> TrustedModels:
         """The chain's models, each hashed once now and bound to that hash for every image

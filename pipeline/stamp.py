@@ -1,5 +1,6 @@
 """Provenance carried inside an output file: the EXIF Software tag and an XMP description of how
-the file was made, added without moving a byte of the original's EXIF or dropping its XMP."""
+the file was made (ours, and IPTC's DigitalSourceType and AI system), added without moving a byte
+of the original's EXIF or dropping its XMP."""
 
 from __future__ import annotations
 
@@ -7,16 +8,32 @@ import dataclasses
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from xml.sax.saxutils import escape
+from dataclasses import dataclass
+from xml.sax.saxutils import escape, unescape
 
 from pipeline.image import Metadata, directory, tags
 
-__all__ = ["NAMESPACE", "stamp"]
+__all__ = ["IPTC_EXT", "NAMESPACE", "Disclosure", "source_digital_source_type", "stamp"]
 
 NAMESPACE = "https://scanrestore.org/ns/1.0/"
+IPTC_EXT = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
 _OURS = re.compile(
     rb"<rdf:Description\b[^>]*xmlns:scanrestore=[^>]*?(?:/>|>.*?</rdf:Description>)", re.DOTALL
 )
+_IPTC_PREFIX = re.compile(rb'xmlns:([A-Za-z_][\w.-]*)\s*=\s*["\']' + re.escape(IPTC_EXT.encode()))
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """What IPTC's fields say of an output: its DigitalSourceType (a NewsCode URI, None when no
+    stage changed the image), the type to record as the source's when the source's XMP states
+    none (a collection's `source_type`), and the AI systems (models) that made pixels with
+    their versions (SHA-256s), in the same order."""
+
+    digital_source_type: str | None
+    default_source_type: str | None = None
+    ai_systems: tuple[str, ...] = ()
+    ai_system_versions: tuple[str, ...] = ()
 
 
 def stamp(
@@ -25,29 +42,104 @@ def stamp(
     software: str,
     properties: Mapping[str, str],
     stages: Sequence[str] = (),
+    models: Sequence[str] = (),
+    disclosure: Disclosure | None = None,
 ) -> Metadata:
     """`metadata` with EXIF Software set to `software` and an XMP description holding
-    `properties` (e.g. run id, recipe hash) and `stages` (one line per stage with its model).
+    `properties` (e.g. run id, recipe hash), `stages` (one line per stage with its model),
+    `models` (one line per model with its hash and licence) and the IPTC `disclosure`.
 
     The original Software value, if any, is kept in the XMP as OriginalSoftware: it usually
-    names the scanner software, which an archive wants to keep.
+    names the scanner software, which an archive wants to keep. The source's own
+    Iptc4xmpExt:DigitalSourceType (e.g. print) moves to SourceDigitalSourceType: one packet can
+    hold the property once, and the output's value is the one IPTC readers must see.
     """
     exif, original = _with_software(metadata.exif, software)
     fields = dict(properties)
     if original and original != software:
         fields["OriginalSoftware"] = original
-    description = _description(fields, stages)
-    return dataclasses.replace(metadata, exif=exif, xmp=_merge_xmp(metadata.xmp, description))
+    xmp, own_type = metadata.xmp, None
+    if disclosure is not None:
+        own_type = source_digital_source_type(xmp)
+        xmp = _without_source_type(xmp)
+        if own_type or disclosure.default_source_type:
+            fields["SourceDigitalSourceType"] = own_type or disclosure.default_source_type or ""
+    description = _description(fields, stages, models, disclosure)
+    return dataclasses.replace(metadata, exif=exif, xmp=_merge_xmp(xmp, description))
 
 
-def _description(fields: Mapping[str, str], stages: Sequence[str]) -> bytes:
-    lines = [f'<rdf:Description rdf:about="" xmlns:scanrestore="{NAMESPACE}">']
+def source_digital_source_type(xmp: bytes | None) -> str | None:
+    """The DigitalSourceType an XMP packet states for its image: IPTC's property (element,
+    attribute or rdf:resource form) outside our description, else the SourceDigitalSourceType
+    we recorded in it (an output processed again keeps its scan's type)."""
+    if not xmp:
+        return None
+    ours = _OURS.search(xmp)
+    rest = _OURS.sub(b"", xmp)
+    for prefix in _IPTC_PREFIX.findall(rest):
+        found = _property(rest, prefix, b"DigitalSourceType")
+        if found:
+            return found
+    if ours:
+        return _property(ours.group(0), b"scanrestore", b"SourceDigitalSourceType")
+    return None
+
+
+def _property(xmp: bytes, prefix: bytes, name: bytes) -> str | None:
+    qname = re.escape(prefix + b":" + name)
+    for pattern in (
+        rb"<" + qname + rb"\s*>\s*([^<]+?)\s*</" + qname + rb"\s*>",
+        rb"<" + qname + rb'\s+rdf:resource\s*=\s*["\']([^"\']+)["\']',
+        rb"\s" + qname + rb'\s*=\s*["\']([^"\']+)["\']',
+    ):
+        match = re.search(pattern, xmp)
+        if match:
+            return unescape(match.group(1).decode("utf-8", "replace"))
+    return None
+
+
+def _without_source_type(xmp: bytes | None) -> bytes | None:
+    """The packet without IPTC's DigitalSourceType (ours is added after), in any form."""
+    if not xmp:
+        return xmp
+    for prefix in set(_IPTC_PREFIX.findall(xmp)):
+        qname = re.escape(prefix + b":DigitalSourceType")
+        xmp = re.sub(rb"<" + qname + rb"\b[^>]*/>\s*", b"", xmp)
+        xmp = re.sub(rb"<" + qname + rb"\s*>.*?</" + qname + rb"\s*>\s*", b"", xmp, flags=re.S)
+        xmp = re.sub(rb"\s" + qname + rb'\s*=\s*(["\'])[^"\']*\1', b"", xmp)
+    return xmp
+
+
+def _description(
+    fields: Mapping[str, str],
+    stages: Sequence[str],
+    models: Sequence[str],
+    disclosure: Disclosure | None,
+) -> bytes:
+    lines = [
+        f'<rdf:Description rdf:about="" xmlns:scanrestore="{NAMESPACE}"'
+        f' xmlns:Iptc4xmpExt="{IPTC_EXT}">'
+    ]
     lines += [
         f"<scanrestore:{key}>{escape(value)}</scanrestore:{key}>" for key, value in fields.items()
     ]
-    if stages:
-        items = "".join(f"<rdf:li>{escape(line)}</rdf:li>" for line in stages)
-        lines.append(f"<scanrestore:Stages><rdf:Seq>{items}</rdf:Seq></scanrestore:Stages>")
+    for name, values in (("Stages", stages), ("Models", models)):
+        if values:
+            items = "".join(f"<rdf:li>{escape(line)}</rdf:li>" for line in values)
+            lines.append(f"<scanrestore:{name}><rdf:Seq>{items}</rdf:Seq></scanrestore:{name}>")
+    if disclosure is not None and disclosure.digital_source_type:
+        lines.append(
+            f"<Iptc4xmpExt:DigitalSourceType>{escape(disclosure.digital_source_type)}"
+            "</Iptc4xmpExt:DigitalSourceType>"
+        )
+    if disclosure is not None and disclosure.ai_systems:
+        # IPTC 2025.1's AI System Used / AI System Version Used: plain text properties.
+        used = "; ".join(disclosure.ai_systems)
+        versions = "; ".join(disclosure.ai_system_versions)
+        lines.append(f"<Iptc4xmpExt:AISystemUsed>{escape(used)}</Iptc4xmpExt:AISystemUsed>")
+        lines.append(
+            f"<Iptc4xmpExt:AISystemVersionUsed>{escape(versions)}</Iptc4xmpExt:AISystemVersionUsed>"
+        )
     lines.append("</rdf:Description>")
     return "\n".join(lines).encode()
 

@@ -260,20 +260,15 @@ def _as_stamped(source, output, record):
     the metadata an output must keep is the original's plus that stamp, nothing else."""
     import re
 
-    from daemon.processing import code_version, stage_line
-    from pipeline.stamp import stamp
+    from daemon.processing import Stamp, code_version, stamped_metadata
 
     fields = dict(re.findall(rb"<scanrestore:(RunId|RecipeSHA256)>([^<]*)<", output.metadata.xmp))
-    metadata = stamp(
-        source.metadata,
-        software=f"scanrestore {code_version()}",
-        properties={
-            "RunId": fields[b"RunId"].decode(),
-            "RecipeSHA256": fields[b"RecipeSHA256"].decode(),
-        },
-        stages=[stage_line(stage) for stage in record["stages"]],
+    stamp = Stamp(
+        f"scanrestore {code_version()}",
+        fields[b"RunId"].decode(),
+        fields[b"RecipeSHA256"].decode(),
     )
-    return source.replace(metadata=metadata)
+    return source.replace(metadata=stamped_metadata(source.metadata, record["stages"], stamp))
 
 
 def _check_edge_case(path, record, refused, decode) -> None:

@@ -24,6 +24,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     importing = actions.add_parser("import", help="add a local weights file to the cache")
     importing.add_argument("path", type=Path)
     importing.add_argument("--id", dest="model_id", help="id for a custom (non-registry) model")
+    importing.add_argument(
+        "--licence", help="the weights' licence as an SPDX id (checked against allowed_licences)"
+    )
     importing.set_defaults(handler=_models_import)
     verify = actions.add_parser("verify", help="re-hash every cached model")
     verify.add_argument("--json", action="store_true")
@@ -64,7 +67,7 @@ def _models_fetch(args: argparse.Namespace, config: Config) -> int:
 
 
 def _models_import(args: argparse.Namespace, config: Config) -> int:
-    spec = model_store(config).import_file(args.path, model_id=args.model_id)
+    spec = model_store(config).import_file(args.path, model_id=args.model_id, licence=args.licence)
     print(f"ok     {args.path} -> {spec.id} (sha256 {spec.sha256})")
     return EXIT_OK
 

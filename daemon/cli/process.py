@@ -73,6 +73,7 @@ def _process(args: argparse.Namespace, config: Config) -> int:
     device = args.device or config.processing.device
     precision = args.precision or config.processing.precision
     models = TrustedModels(store)  # each model hashed once for the batch, not per image
+    chain.check_licences(models, config.models.allowed_licences, path=chain_path(config, args))
     recipe = recipe_of(
         config,
         chain,

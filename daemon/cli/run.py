@@ -40,6 +40,10 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     except DaemonError as exc:
         log.error("cannot start: %s", exc)
         return systemd.EXIT_CONFIG
+    except ChainConfigError as exc:  # a model the licence policy refuses
+        for line in exc.problems:
+            log.error("cannot start: %s", line)
+        return systemd.EXIT_CONFIG
     finally:
         if watchdog is not None:
             watchdog.stop()
