@@ -1,5 +1,6 @@
 """The `scanrestore` command line. Each module registers its own commands: process (one-shot
-restoration), run (the daemon), state (status, history, retry, reprocess, quarantine), models."""
+restoration), run (the daemon), state (status, history, retry, reprocess, quarantine), models,
+export (PREMIS)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from daemon.cli import models, process, run, state
+from daemon.cli import export, models, process, run, state
 from daemon.cli.base import EXIT_CONFIG, EXIT_FAILED
 from daemon.config import ConfigError, load_config
 from daemon.logs import log_to_stderr
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (process, run, state, models):
+    for module in (process, run, state, models, export):
         module.register(commands)
     return parser
 

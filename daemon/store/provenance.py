@@ -342,6 +342,21 @@ class Provenance(Connection):
         )
         return [path_from_db(row[0]) for row in rows]
 
+    def sources(self) -> list[tuple[str, int, datetime]]:
+        """Every source recorded: (source_sha256, size, first_seen_at), first seen first."""
+        rows = self.conn.execute(
+            "SELECT source_sha256, size, first_seen_at FROM sources ORDER BY first_seen_at, rowid"
+        )
+        return [(sha, size, _at(seen)) for sha, size, seen in rows]
+
+    def observations_of(self, source_sha256: str) -> list[Observation]:
+        """Every observation of these bytes, under any path, oldest first."""
+        return self._observations("source_sha256 = ? ORDER BY id", (source_sha256,))
+
+    def runs_of(self, source_sha256: str) -> list[RunRecord]:
+        """Every run of these bytes, oldest first, with its recipe, stages and outputs."""
+        return self._runs("r.source_sha256 = ?", (source_sha256,))
+
     def _observations(self, where: str, params: Sequence[Any]) -> list[Observation]:
         rows = self.db.query(f"SELECT * FROM source_paths WHERE {where}", params)
         return [_observation(row) for row in rows]
@@ -459,9 +474,11 @@ class Provenance(Connection):
         since: datetime | None = None,
         until: datetime | None = None,
         path: str | None = None,
+        source_sha256: str | None = None,
         limit: int | None = None,
     ) -> list[Event]:
-        """Events, newest first, filtered by kind, time (both bounds inclusive) and path."""
+        """Events, newest first, filtered by kind, time (both bounds inclusive), path and
+        source."""
         clauses, args = ["1"], []
         if kinds is not None:
             clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
@@ -475,6 +492,9 @@ class Provenance(Connection):
         if path is not None:
             clauses.append("path = ?")
             args.append(db_path(path))
+        if source_sha256 is not None:
+            clauses.append("source_sha256 = ?")
+            args.append(source_sha256)
         return self._events(" AND ".join(clauses), args, limit)
 
     def _events(self, where: str, args: Sequence[Any], limit: int | None = None) -> list[Event]:
