@@ -186,6 +186,28 @@ class ProvenanceConfig(_Section):
         return source_type_uri(self.source_type) if self.source_type else None
 
 
+class WebConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8750, ge=0, le=65535)
+    token: str = ""
+    preview_cache_mb: int = Field(512, ge=16)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value or any(c.isspace() or c in "/?#@" for c in value):
+            raise ValueError("must be an address or host name, e.g. 127.0.0.1")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("must be at least 16 characters (or empty)")
+        return value
+
+
 class Config(_Section):
     models: ModelsConfig = ModelsConfig()
     processing: ProcessingConfig = ProcessingConfig()
@@ -195,6 +217,7 @@ class Config(_Section):
     daemon: DaemonConfig = DaemonConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
+    web: WebConfig = WebConfig()
     presets: dict[str, tuple[dict[str, Any], ...]] = {}
 
     def presets_all(self) -> dict[str, tuple[dict[str, Any], ...]]:

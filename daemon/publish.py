@@ -469,6 +469,11 @@ class Publisher:
             "device": run.device,
             "started_at": run.started_at.isoformat(),
             "code_version": self.code_version,
+            # Curators' decisions on the earlier versions of this source, oldest first.
+            "reviews": [
+                review.as_json()
+                for review in self.store.reviews_of_source(run.job.source_sha256, run.job.path)
+            ],
         }
         data = (json.dumps(document, indent=2, ensure_ascii=True) + "\n").encode()
         return write_temp(run.dest_dir, run.stem, "provenance", ".json", _bytes_writer(data))

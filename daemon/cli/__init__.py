@@ -1,6 +1,6 @@
 """The `scanrestore` command line. Each module registers its own commands: process (one-shot
 restoration), run (the daemon), state (status, history, retry, reprocess, quarantine), models,
-export (PREMIS)."""
+export (PREMIS), web (serve, review)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from daemon.cli import export, models, process, run, state
+from daemon.actions import ActionError
+from daemon.cli import export, models, process, run, state, web
 from daemon.cli.base import EXIT_CONFIG, EXIT_FAILED
 from daemon.config import ConfigError, load_config
 from daemon.logs import log_to_stderr
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    except ActionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -44,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (process, run, state, models, export):
+    for module in (process, run, state, models, export, web):
         module.register(commands)
     return parser
 

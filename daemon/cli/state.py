@@ -9,6 +9,7 @@ from pathlib import Path
 
 from daemon.cli.base import EXIT_FAILED, EXIT_OK, open_state, relative_to_watched
 from daemon.config import Config
+from daemon.store import Store, run_json
 from pipeline.chain import ChainConfigError
 
 __all__ = ["register"]
@@ -110,35 +111,8 @@ def _history(args: argparse.Namespace, config: Config) -> int:
     relative = relative_to_watched(config, args.path)
     with contextlib.closing(store):
         runs = store.history(relative)
-    records = [
-        {
-            "run": run.id,
-            "run_token": run.run_token,
-            "path": run.path,
-            "status": run.status,
-            "source_sha256": run.source_sha256,
-            "recipe_sha256": run.recipe_sha256,
-            "recipe": run.recipe,
-            "finished_at": run.finished_at.isoformat(),
-            "error": run.error,
-            "stages": [
-                {
-                    "stage": s.stage,
-                    "version": s.version,
-                    "model": s.model_id,
-                    "model_sha256": s.model_sha256,
-                    "params": s.params,
-                    "seconds": s.seconds,
-                }
-                for s in run.stages
-            ],
-            "outputs": [
-                {"path": o.path, "version": o.version, "sha256": o.output_sha256, "kind": o.kind}
-                for o in run.outputs
-            ],
-        }
-        for run in runs
-    ]
+        reviews = {run.id: _run_reviews(store, run.id) for run in runs}
+    records = [{**run_json(run), "reviews": reviews[run.id]} for run in runs]
     if args.json:
         print(json.dumps(records))
     else:
@@ -154,16 +128,34 @@ def _history(args: argparse.Namespace, config: Config) -> int:
                 f"{record['finished_at']} {record['status']} {record['path']} recipe {recipe}: "
                 f"{stages or '-'}: {outputs}"
             )
+            for review in record["reviews"]:
+                note = f": {review['note']}" if review["note"] else ""
+                print(
+                    f"  {review['decision']} by {review['reviewer']} at {review['decided_at']} "
+                    f"({review['output']}){note}"
+                )
     return EXIT_OK if records else EXIT_FAILED
 
 
+def _run_reviews(store: Store, run_id: int) -> list[dict[str, object]]:
+    """Every decision on the images a run published, oldest first."""
+    return [
+        review.as_json()
+        for output_id, output in store.run_outputs(run_id)
+        if output.kind == "image"
+        for review in store.reviews(output_id)
+    ]
+
+
 def _retry(args: argparse.Namespace, config: Config) -> int:
+    from daemon.actions import retry
+
     if (args.path is None) == (not args.all_failed):
         raise ChainConfigError(["retry: give a PATH or --all-failed"])
     store, queue = open_state(config)
     with contextlib.closing(store):
         path = None if args.path is None else relative_to_watched(config, args.path)
-        jobs = queue.retry(path, all_failed=args.all_failed)
+        jobs = retry(queue, path, all_failed=args.all_failed)
     if args.json:
         print(json.dumps([{"path": job.path, "job": job.id} for job in jobs]))
     else:
@@ -172,20 +164,14 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _reprocess(args: argparse.Namespace, config: Config) -> int:
-    from daemon.processing import recipe_of
-    from pipeline.files import sha256_file
+    from daemon.actions import reprocess
 
     relative = relative_to_watched(config, args.path)
-    source = Path(config.watch.input).expanduser().resolve() / relative
-    sha = sha256_file(source)
     store, queue = open_state(config)
     with contextlib.closing(store):
-        chain = config.chain(args.preset)
-        recipe = store.record_recipe(recipe_of(config, chain, args.preset))
-        store.record_observation(relative, sha, size=source.stat().st_size)
-        queued = queue.enqueue(relative, sha, recipe, force=True)
-    result = {"path": relative, "job": queued.job.id, "created": queued.created}
-    print(json.dumps(result) if args.json else f"{relative}: queued as job {queued.job.id}")
+        queued = reprocess(config, store, queue, relative, args.preset)
+    result = {"path": relative, "job": queued.job_id, "created": queued.created}
+    print(json.dumps(result) if args.json else f"{relative}: queued as job {queued.job_id}")
     return EXIT_OK
 
 

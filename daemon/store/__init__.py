@@ -40,9 +40,19 @@ from daemon.store.records import (
     RunStatus,
     StageRun,
 )
+from daemon.store.review import (
+    DECISIONS,
+    REVIEW_STATES,
+    Decision,
+    PublishedImage,
+    Review,
+    ReviewState,
+    run_json,
+)
 from daemon.store.store import Store, database_migrations, open_database
 
 __all__ = [
+    "DECISIONS",
     "FIXITY_AUDIT",
     "FIXITY_MISMATCH",
     "FIXITY_MISSING",
@@ -50,10 +60,12 @@ __all__ = [
     "FIXITY_UNREADABLE",
     "MIGRATIONS",
     "PROVENANCE_TABLES",
+    "REVIEW_STATES",
     "Backup",
     "BackupExistsError",
     "Clock",
     "Connection",
+    "Decision",
     "Event",
     "Fixity",
     "FixityItem",
@@ -63,6 +75,9 @@ __all__ = [
     "OutputFile",
     "OutputKind",
     "Provenance",
+    "PublishedImage",
+    "Review",
+    "ReviewState",
     "RunRecord",
     "RunStatus",
     "SchemaTooNewError",
@@ -78,6 +93,7 @@ __all__ = [
     "open_database",
     "path_from_db",
     "recipe_sha256",
+    "run_json",
     "script",
     "timestamp",
     "utc_now",

@@ -15,11 +15,13 @@ from daemon.store.errors import StoreError
 from daemon.store.fixity import Fixity
 from daemon.store.migrations import Migration, merge_histories
 from daemon.store.provenance import PROVENANCE_MIGRATIONS
+from daemon.store.review import REVIEW_MIGRATIONS, Reviews
+from daemon.store.tallies import Tallies
 
 __all__ = ["Store", "database_migrations", "open_database"]
 
 
-class Store(Fixity, Backup):
+class Store(Fixity, Backup, Reviews, Tallies):
     """Provenance over one connection; the job queue shares it (see daemon.queue)."""
 
     def migrate(self, migrations: Sequence[Migration] | None = None) -> list[str]:
@@ -39,7 +41,7 @@ def database_migrations() -> tuple[Migration, ...]:
     because daemon.queue imports this package."""
     from daemon.queue import JOB_MIGRATIONS
 
-    return merge_histories(PROVENANCE_MIGRATIONS, JOB_MIGRATIONS)
+    return merge_histories(PROVENANCE_MIGRATIONS, REVIEW_MIGRATIONS, JOB_MIGRATIONS)
 
 
 def open_database(

@@ -1,0 +1,316 @@
+"""The HTTP API and /metrics through a real `scanrestore serve` process over a state folder a real
+daemon made: every endpoint, every refusal a clean 4xx that changes nothing (in the database or
+on disk), the token rule for a non-loopback bind, metrics equal to the database, and review
+decisions from the CLI shown by `history` and carried into the next version's sidecar."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from webserver import REPO, State, server
+
+from daemon.web.openapi import OPENAPI
+
+TOKEN = "a-test-token-of-32-characters-xx"
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory) -> State:
+    """Three scans (one scratched, so a mask; one not an image), then a copy of a done one."""
+    site = State(tmp_path_factory.mktemp("web"))
+    site.drop_scratched("album/scratched.png")
+    site.drop("bird.png")
+    (site.scans / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    assert site.once() == 1  # broken.png failed (and is quarantined: max_attempts 1)
+    site.drop("copies/bird-again.png")
+    assert site.once() == 0
+    assert site.scalar("SELECT count(*) FROM events WHERE kind = 'duplicate'") == 1
+    return site
+
+
+@pytest.fixture(scope="module")
+def url(state: State):
+    with server(state) as base:
+        yield base
+
+
+def _browser(url: str) -> httpx.Client:
+    """A client holding the CSRF cookie a page sets, sending it back as the header."""
+    client = httpx.Client(base_url=url, timeout=60)
+    assert client.get("/review").status_code == 200
+    client.headers["x-csrf-token"] = client.cookies["scanrestore_csrf"]
+    client.headers["origin"] = url
+    return client
+
+
+def _image_id(state: State, path: str) -> int:
+    return int(state.scalar("SELECT id FROM outputs WHERE path = ? AND kind = 'image'", path))
+
+
+def test_status_and_outputs_show_what_the_database_holds(state, url):
+    status = httpx.get(f"{url}/api/status").json()
+    with state.db() as db:
+        counts = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    assert {k: v for k, v in status["counts"].items() if v} == counts
+    assert [q["path"] for q in status["quarantined"]] == ["broken.png"]
+    assert (
+        status["models"][0]["sha256"]
+        == json.loads(state.scalar("SELECT recipe_json FROM recipes ORDER BY rowid DESC LIMIT 1"))[
+            "models"
+        ][str(state.root / "tiny2x.pth")]
+    )
+    listed = httpx.get(f"{url}/api/outputs", params={"sort": "invented"}).json()["outputs"]
+    assert [o["path"] for o in listed] == ["album/scratched.v1.png", "bird.v1.png"]
+    assert listed[0]["invented"] > 0 and listed[1]["invented"] is None
+    only = httpx.get(f"{url}/api/outputs", params={"folder": "album", "stage": "upscale"})
+    assert [o["path"] for o in only.json()["outputs"]] == ["album/scratched.v1.png"]
+    one = httpx.get(f"{url}/api/outputs/{listed[0]['id']}").json()
+    assert one["run"]["stages"][1]["model_sha256"] == status["models"][0]["sha256"]
+    assert one["source_paths"] == ["album/scratched.png"]
+    assert one["size"] == {"output": [1024, 1024], "source": [512, 512]}
+
+
+def test_previews_are_pngs_of_the_asked_size(state, url):
+    output_id = _image_id(state, "album/scratched.v1.png")
+    base = f"{url}/api/outputs/{output_id}/image"
+    from io import BytesIO
+
+    from PIL import Image
+
+    for layer in ("output", "original", "lanczos", "mask"):
+        answer = httpx.get(f"{base}/{layer}", params={"width": 300})
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        assert Image.open(BytesIO(answer.content)).size == (300, 300)
+    crop = httpx.get(f"{base}/output", params={"x": 100, "y": 50, "w": 64, "h": 32})
+    assert Image.open(BytesIO(crop.content)).size == (64, 32)
+
+
+def test_review_reprocess_and_retry_change_the_store_as_asked(state, url):
+    output_id = _image_id(state, "bird.v1.png")
+    client = _browser(url)
+    answer = client.post(
+        f"/api/outputs/{output_id}/review", json={"decision": "rejected", "note": "too soft"}
+    )
+    assert answer.status_code == 200, answer.text
+    with state.db() as db:
+        row = db.execute("SELECT decision, note FROM reviews WHERE id = ?", (answer.json()["id"],))
+        assert row.fetchone() == ("rejected", "too soft")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("UPDATE reviews SET decision = 'approved'")
+    assert client.get(f"/api/outputs/{output_id}").json()["state"] == "rejected"
+    queued = client.post(f"/api/outputs/{output_id}/reprocess", json={})
+    assert queued.status_code == 200, queued.text
+    job = queued.json()["job"]
+    assert state.scalar("SELECT state FROM jobs WHERE id = ?", job) == "queued"
+    quarantined = state.scalar("SELECT id FROM jobs WHERE state = 'quarantined'")
+    retried = client.post(f"/api/jobs/{quarantined}/retry", json={})
+    assert retried.status_code == 200, retried.text
+    assert state.scalar("SELECT state FROM jobs WHERE id = ?", quarantined) == "queued"
+
+
+def test_every_api_route_is_in_the_openapi_document(url):
+    served = httpx.get(f"{url}/api/openapi.json").json()
+    assert served == json.loads(json.dumps(OPENAPI))
+    from daemon.config import Config
+    from daemon.web.app import create_app
+    from daemon.web.views import Roots
+
+    app = create_app(Config(), Roots(REPO, REPO, REPO / "nowhere"), token="", host="127.0.0.1")
+    routes = {r.path.replace(":int", "") for r in app.routes if r.path.startswith("/api/")}
+    assert routes == set(served["paths"])
+
+
+REFUSALS = [
+    # (method, path, body or None, extra headers, expected status)
+    ("GET", "/api/outputs/999999", None, {}, 404),
+    ("GET", "/api/outputs/999999/image/output", None, {}, 404),
+    ("GET", "/outputs/999999", None, {}, 404),
+    ("GET", "/api/outputs/1/image/..%2f..%2fetc%2fpasswd", None, {}, 404),
+    ("GET", "/api/outputs/%2e%2e%2fconfig.toml", None, {}, 404),
+    ("GET", "/api/outputs/1/image/output?x=0&y=0&w=99999&h=1", None, {}, 400),
+    ("GET", "/api/outputs/1/image/output?x=-1&y=0&w=1&h=1", None, {}, 400),
+    ("GET", "/api/outputs/1/image/output?path=/etc/passwd", None, {}, 400),
+    ("GET", "/api/outputs?state=everything", None, {}, 400),
+    ("GET", "/api/outputs?folder=../../etc&path=/etc/passwd", None, {}, 400),
+    ("GET", "/static/../../daemon/config.py", None, {}, 404),
+    ("GET", "/static/%2e%2e/%2e%2e/pyproject.toml", None, {}, 404),
+    ("GET", "/etc/passwd", None, {}, 404),
+    ("POST", "/api/outputs/1/review", '{"decision": "approved"', {}, 400),
+    ("POST", "/api/outputs/1/review", "[1, 2]", {}, 400),
+    ("POST", "/api/outputs/1/review", '{"decision": "maybe"}', {}, 422),
+    ("POST", "/api/outputs/1/review", '{"decision": "approved", "path": "/x"}', {}, 422),
+    ("POST", "/api/outputs/1/review", '{"decision": "approved", "note": 5}', {}, 422),
+    ("POST", "/api/outputs/999999/review", '{"decision": "approved"}', {}, 404),
+    ("POST", "/api/outputs/1/review", '{"decision": "approved"}', {"content-type": "text/plain"},
+     415),
+    ("POST", "/api/outputs/1/review", json.dumps({"decision": "approved", "note": "x" * 70000}),
+     {}, 413),
+    ("POST", "/api/outputs/1/reprocess", '{"preset": "../../etc/passwd"}', {}, 422),
+    ("POST", "/api/outputs/1/reprocess", '{"preset": "archival"}', {}, 409),  # models absent
+    ("POST", "/api/jobs/999999/retry", "{}", {}, 404),
+    ("POST", "/api/jobs/1/retry", "{}", {}, 409),  # a done job
+    # CSRF: no header, a wrong header, another origin
+    ("POST", "/api/outputs/1/review", '{"decision": "approved"}', {"x-csrf-token": ""}, 403),
+    ("POST", "/api/outputs/1/review", '{"decision": "approved"}', {"x-csrf-token": "f" * 32},
+     403),
+    ("POST", "/api/outputs/1/review", '{"decision": "approved"}',
+     {"origin": "http://evil.example"}, 403),
+    ("GET", "/api/status", None, {"host": "evil.example"}, 400),
+]  # fmt: skip
+
+
+def test_every_wrong_request_is_a_clean_4xx_that_changes_nothing(state, url):
+    client = _browser(url)
+    client.get("/api/outputs/1/image/output")  # previews exist before (the cache is not state)
+    before = state.fingerprint()
+    for method, path, body, headers, status in REFUSALS:
+        sent = {"content-type": "application/json", **headers}
+        answer = client.request(method, path, content=body, headers=sent)
+        assert answer.status_code == status, (method, path, headers, answer.text)
+        if path.startswith("/api/"):
+            assert "error" in answer.json(), (path, answer.text)
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    assert state.fingerprint() == before
+
+
+def test_pages_send_security_headers_and_no_inline_script(url):
+    for path in ("/", "/review", "/outputs/1"):
+        answer = httpx.get(f"{url}{path}")
+        assert answer.status_code == 200, path
+        csp = answer.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert "<script>" not in answer.text and "http://" not in answer.text.split("</head>")[0]
+
+
+def test_a_non_loopback_bind_refuses_to_start_without_a_token(state):
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(state.config), "serve",
+         "--host", "0.0.0.0", "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(state.root)},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "requires a token" in done.stderr and "SCANRESTORE_WEB_TOKEN" in done.stderr
+
+
+def test_with_a_token_every_request_needs_it(state):
+    before = state.fingerprint()
+    with server(state, host="0.0.0.0", env={"SCANRESTORE_WEB_TOKEN": TOKEN}) as url:
+        review = {"decision": "approved"}
+        assert httpx.get(f"{url}/api/status").status_code == 401
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/").status_code == 303  # to the sign-in form
+        wrong = {"authorization": "Bearer " + "x" * 32}
+        assert httpx.get(f"{url}/api/status", headers=wrong).status_code == 401
+        assert httpx.post(f"{url}/api/outputs/1/review", json=review).status_code == 401
+        assert (
+            httpx.post(f"{url}/api/outputs/1/review", json=review, headers=wrong).status_code == 401
+        )
+        assert state.fingerprint() == before
+        right = {"authorization": f"Bearer {TOKEN}"}
+        assert httpx.get(f"{url}/api/status", headers=right).status_code == 200
+        # A signed-in browser: the session cookie, and still the CSRF check on a change.
+        with httpx.Client(base_url=url) as browser:
+            assert browser.post("/login", data={"token": TOKEN}).status_code == 303
+            assert browser.get("/api/status").status_code == 200
+            assert browser.post("/api/outputs/1/review", json=review).status_code == 403
+            browser.get("/review")
+            csrf = {"x-csrf-token": browser.cookies["scanrestore_csrf"]}
+            assert (
+                browser.post("/api/outputs/1/review", json=review, headers=csrf).status_code == 200
+            )
+        answer = httpx.post(f"{url}/api/outputs/1/review", json=review, headers=right)
+        assert answer.status_code == 200
+    assert (
+        state.scalar("SELECT count(*) FROM reviews WHERE output_id = 1 AND decision = 'approved'")
+        >= 2
+    )
+
+
+def test_metrics_parse_and_equal_the_database(state, url):
+    text = httpx.get(f"{url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(name: str, **labels: str) -> float:
+        for sample in families[name].samples:
+            if sample.name.endswith("_total") and sample.labels == labels:
+                return sample.value
+        raise AssertionError(f"{name} {labels} not in /metrics")
+
+    def gauge(name: str, **labels: str) -> float:
+        return next(s.value for s in families[name].samples if s.labels == labels)
+
+    q = state.scalar
+    assert (
+        value("scanrestore_files_done") == q("SELECT count(*) FROM runs WHERE status='done'") == 2
+    )
+    assert (
+        value("scanrestore_files_failed")
+        == q("SELECT count(*) FROM runs WHERE status='failed'")
+        == 1
+    )
+    assert (
+        value("scanrestore_files_duplicate")
+        == q("SELECT count(*) FROM events WHERE kind='duplicate'")
+        == 1
+    )
+    assert value("scanrestore_files_ingested") == q(
+        "SELECT count(*) FROM source_paths WHERE source_sha256 IS NOT NULL"
+    )
+    assert value("scanrestore_worker_deaths") == q("SELECT count(*) FROM runs WHERE status='died'")
+    assert value("scanrestore_fixity_mismatches") == q(
+        "SELECT count(*) FROM events WHERE kind='fixity_mismatch'"
+    )
+    for decision in ("approved", "rejected"):
+        assert value("scanrestore_review_decisions", decision=decision) == q(
+            "SELECT count(*) FROM reviews WHERE decision = ?", decision
+        )
+    for job_state in ("queued", "done", "failed", "quarantined"):
+        assert gauge("scanrestore_queue_depth", state=job_state) == q(
+            "SELECT count(*) FROM jobs WHERE state = ?", job_state
+        )
+    timings = families["scanrestore_stage_seconds_per_megapixel"].samples
+    counts = {s.labels["stage"]: s.value for s in timings if s.name.endswith("_count")}
+    assert counts["upscale"] == q(
+        "SELECT count(*) FROM stage_runs s JOIN runs r ON r.id = s.run_id "
+        "WHERE s.stage = 'upscale' AND r.status = 'done'"
+    )
+    last = q("SELECT max(finished_at) FROM runs WHERE status = 'done'")
+    from datetime import datetime
+
+    assert gauge("scanrestore_last_output_timestamp_seconds") == pytest.approx(
+        datetime.fromisoformat(last).timestamp()
+    )
+
+
+def test_a_cli_decision_is_shown_by_history_and_carried_into_the_next_sidecar(state, capsys):
+    output = state.out / "album/scratched.v1.png"
+    assert (
+        state.cli("review", str(output), "--reject", "--note", "face too smooth", "--by", "ann")
+        == 0
+    )
+    capsys.readouterr()
+    assert state.cli("history", "album/scratched.png", "--json") == 0
+    history = json.loads(capsys.readouterr().out)
+    with state.db() as db:
+        recorded = db.execute(
+            "SELECT v.decision, v.reviewer, v.note, o.path FROM reviews v "
+            "JOIN outputs o ON o.id = v.output_id WHERE o.path = 'album/scratched.v1.png' "
+            "ORDER BY v.id"
+        ).fetchall()
+    assert recorded[-1] == ("rejected", "ann", "face too smooth", "album/scratched.v1.png")
+    shown = [(r["decision"], r["reviewer"], r["note"], r["output"]) for r in history[0]["reviews"]]
+    assert shown == recorded
+    assert state.cli("review", str(state.scans / "nothing.png"), "--approve") == 1
+    assert state.cli("reprocess", "album/scratched.png") == 0
+    state.once()  # (broken.png, retried above, fails again)
+    sidecar = json.loads((state.out / "album/scratched.v2.json").read_text())
+    carried = [(r["decision"], r["reviewer"], r["note"], r["output"]) for r in sidecar["reviews"]]
+    assert carried == recorded
