@@ -5,6 +5,7 @@ of invented pixels as fsynced temporary files beside their final names (see daem
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -13,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from daemon.config import Config, model_store
+from daemon.config import Config, ConfigError, model_store
 from daemon.publish import WrittenFile, remove_written, write_temp
 from pipeline.chain import Chain
+from pipeline.credentials import SigningKey, UnsignableError
 from pipeline.image import Metadata
 from pipeline.sourcetype import digital_source_type, models_used, with_licences
 from pipeline.stage import StageContext
@@ -30,9 +32,12 @@ __all__ = [
     "process_image",
     "recipe_of",
     "retry_is_worthwhile",
+    "signing_key",
     "stage_line",
     "stamped_metadata",
 ]
+
+log = logging.getLogger("scanrestore.processing")
 
 # OS errors that say something about the machine, not the image: worth another try later.
 _SYSTEM_ERRNOS = frozenset(
@@ -143,6 +148,7 @@ class OutputSettings:
     max_pixels: int
     mask: bool = True
     source_type: str | None = None
+    signing: SigningKey | None = None  # C2PA content credentials, when configured
 
     @classmethod
     def from_config(cls, config: Config, *, output_format: str | None = None) -> OutputSettings:
@@ -152,7 +158,24 @@ class OutputSettings:
             max_pixels=config.image.max_pixels,
             mask=config.daemon.mask_sidecar,
             source_type=config.provenance.source_type_uri(),
+            signing=signing_key(config),
         )
+
+
+def signing_key(config: Config) -> SigningKey | None:
+    """The configured C2PA certificate chain and key, checked; None when signing is off. A
+    pair that cannot sign is a ConfigError naming the keys and the reason."""
+    settings = config.provenance
+    if not settings.c2pa_cert:
+        return None
+    from pipeline.credentials import CredentialsError, SigningKey
+
+    try:
+        return SigningKey.load(
+            Path(settings.c2pa_cert).expanduser(), Path(settings.c2pa_key).expanduser()
+        )
+    except CredentialsError as exc:
+        raise ConfigError([f"provenance.c2pa_cert/c2pa_key: {exc}"]) from exc
 
 
 @dataclass(frozen=True)
@@ -174,6 +197,7 @@ class Processed:
     stages: list[dict[str, Any]]
     device: str | None
     format: str
+    credentials: str | None = None  # "c2pa", or why the image went unsigned; None: signing off
 
 
 def process_image(
@@ -194,13 +218,30 @@ def process_image(
     dest_dir.mkdir(parents=True, exist_ok=True)
     result = chain.run(image, ctx)
     stages = with_licences([record.as_dict() for record in result.stages], _licences(chain, ctx))
-    metadata = stamped_metadata(result.image.metadata, stages, stamp, output.source_type)
     fmt = image.format if output.format == "same" else output.format
     formats: list[str] = []
+    credentials = _credentials_plan(output, fmt)
 
     def write_image(path: Path) -> None:
+        nonlocal credentials
+        metadata = stamped_metadata(
+            result.image.metadata, stages, stamp, output.source_type, credentials
+        )
         stamped = result.image.replace(metadata=metadata)
-        formats.append(imageio.encode(stamped, path, format=fmt, quality=output.quality))
+        if credentials != "c2pa" or output.signing is None:
+            formats.append(imageio.encode(stamped, path, format=fmt, quality=output.quality))
+            return
+        unsigned = path.with_name(path.name + ".unsigned")
+        try:
+            formats.append(imageio.encode(stamped, unsigned, format=fmt, quality=output.quality))
+            _sign(unsigned, path, formats[-1], output.signing, source, image.format, stages, stamp)
+        except UnsignableError as exc:  # this file, not its format: published unsigned
+            credentials = f"unsigned: {exc}"
+            log.warning("%s: published without content credentials: %s", source, exc)
+            formats.clear()
+            write_image(path)
+        finally:
+            unsigned.unlink(missing_ok=True)
 
     files = [write_temp(dest_dir, stem, "image", imageio.suffix_for(fmt), write_image)]
     try:
@@ -210,7 +251,47 @@ def process_image(
     except BaseException:
         remove_written(files)
         raise
-    return Processed(tuple(files), stages, ctx.device, formats[0])
+    return Processed(tuple(files), stages, ctx.device, formats[0], credentials)
+
+
+def _credentials_plan(output: OutputSettings, fmt: str) -> str | None:
+    """ "c2pa" when the image will be signed, "unsigned: why" when C2PA cannot sign its format,
+    None when signing is off."""
+    if output.signing is None:
+        return None
+    from pipeline.credentials import unsignable_reason
+
+    reason = unsignable_reason(fmt)
+    if reason is not None:
+        log.warning("outputs in %s are published without content credentials: %s", fmt, reason)
+        return f"unsigned: {reason}"
+    return "c2pa"
+
+
+def _sign(
+    unsigned: Path,
+    dest: Path,
+    fmt: str,
+    key: SigningKey,
+    source: Path,
+    source_format: str,
+    stages: Sequence[Mapping[str, Any]],
+    stamp: Stamp,
+) -> None:
+    """Sign the encoded image into `dest`: the last write before write_temp fsyncs it."""
+    from pipeline.credentials import sign
+
+    sign(
+        unsigned,
+        dest,
+        fmt,
+        key=key,
+        source=source,
+        source_format=source_format,
+        stages=stages,
+        title=dest.name,
+        software=stamp.software,
+    )
 
 
 def stamped_metadata(
@@ -218,11 +299,13 @@ def stamped_metadata(
     stages: Sequence[Mapping[str, Any]],
     stamp: Stamp,
     source_type: str | None = None,
+    credentials: str | None = None,
 ) -> Metadata:
     """`metadata` (the chain's result's) with the provenance stamp: Software, RunId, recipe
     hash, one line per stage and per model (hash and licence), and IPTC's DigitalSourceType
     with the AI systems that made pixels (`source_type`: the collection's, recorded as the
-    source's where its own XMP states none)."""
+    source's where its own XMP states none); `credentials` ("c2pa", or why the file is not
+    signed) as ContentCredentials."""
     from pipeline.stamp import Disclosure
     from pipeline.stamp import stamp as stamp_metadata
 
@@ -241,7 +324,8 @@ def stamped_metadata(
     return stamp_metadata(
         metadata,
         software=stamp.software,
-        properties={"RunId": stamp.run_token, "RecipeSHA256": stamp.recipe_sha256},
+        properties={"RunId": stamp.run_token, "RecipeSHA256": stamp.recipe_sha256}
+        | ({"ContentCredentials": credentials} if credentials else {}),
         stages=[stage_line(record) for record in stages],
         models=list(models.values()),
         disclosure=disclosure,

@@ -19,7 +19,7 @@ from pathlib import Path
 from daemon.config import Config, model_store
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.ingest import IngestError, Intake
-from daemon.processing import code_version, recipe_of
+from daemon.processing import code_version, recipe_of, signing_key
 from daemon.publish import Publisher, remove_stray_temps
 from daemon.queue import JobQueue
 from daemon.schedule import Schedules
@@ -156,6 +156,7 @@ class Daemon:
             self.config.models.allowed_licences,
             path=where if self.preset or self.config.pipeline.preset else "pipeline.stages",
         )
+        signing_key(self.config)  # a certificate and key that cannot sign stop the start
         recipe = recipe_of(self.config, chain, self.preset, models.expected)
         recipe_sha256 = store.record_recipe(recipe)
         publisher = Publisher(

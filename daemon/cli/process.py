@@ -68,6 +68,7 @@ def _process(args: argparse.Namespace, config: Config) -> int:
     from daemon.store import recipe_sha256
 
     chain = build_chain(_stage_specs(config, args), path=chain_path(config, args))
+    output = OutputSettings.from_config(config, output_format=args.format)  # checks a C2PA key
     store = model_store(config)
     chain.check_models(store, path=chain_path(config, args))
     device = args.device or config.processing.device
@@ -100,7 +101,7 @@ def _process(args: argparse.Namespace, config: Config) -> int:
             scratch_dir=args.out,
         ),
         out=args.out,
-        output=OutputSettings.from_config(config, output_format=args.format),
+        output=output,
         software=f"scanrestore {code_version()}",
         recipe_sha256=recipe_sha256(recipe),
     )
@@ -177,6 +178,7 @@ def _process_one(path: Path, batch: _Batch) -> dict[str, Any]:
             "version": published[0].version,
             "format": made.format,
             "stages": made.stages,
+            "credentials": made.credentials,
         }
     except Exception as exc:  # one image's failure must not stop the batch: report it whole
         failure = failure_of(path, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from daemon.cli.base import EXIT_FAILED, chain_path, log
-from daemon.config import Config, model_store
+from daemon.config import Config, ConfigError, model_store
 from pipeline.chain import ChainConfigError
 
 __all__ = ["register"]
@@ -40,7 +40,7 @@ def _watch(args: argparse.Namespace, config: Config) -> int:
     except DaemonError as exc:
         log.error("cannot start: %s", exc)
         return systemd.EXIT_CONFIG
-    except ChainConfigError as exc:  # a model the licence policy refuses
+    except (ChainConfigError, ConfigError) as exc:  # licence policy, C2PA key
         for line in exc.problems:
             log.error("cannot start: %s", line)
         return systemd.EXIT_CONFIG
