@@ -1,7 +1,8 @@
 """PREMIS 3 preservation metadata for one source, from the provenance store: the source and every
 output as file objects (SHA-256 fixity, size, format), the events that touched them (ingestion,
-message digest calculation, each restoration run, fixity checks), the agents (scanrestore and
-each model, with its hash and licence), and each output's derivation from the source."""
+message digest calculation, each restoration run, fixity checks, review decisions), the agents
+(scanrestore, each model with its hash and licence, each curator who decided), and each
+output's derivation from the source."""
 
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def premis_document(
             doc.link(output.path, _digest_event(doc, output.path, run.finished_at, "output"))
     paths = [obs.path for obs in observations]
     _fixity_events(doc, store, {source_id: (paths, first_seen)} | _output_items(outputs))
+    _review_events(doc, store, {output.path for _, output in outputs})
     names = list(dict.fromkeys(paths)) or [source_id]
     _file_object(doc, source_id, names, source_sha256, size, names[0], first=True)
     for run, output in outputs:
@@ -200,9 +202,11 @@ def _event(
     identifier = _add(event, "eventIdentifier")
     _add(identifier, "eventIdentifierType", LOCAL)
     _add(identifier, "eventIdentifierValue", event_id)
-    slug = event_type.replace(" ", "")
-    _add(event, "eventType", event_type, authority="eventType", authorityURI=EVENT_TYPES)
-    event[-1].set("valueURI", f"{EVENT_TYPES}/{_EVENT_CODES.get(event_type, slug)}")
+    if event_type in _EVENT_CODES:  # a term of the Library of Congress vocabulary
+        _add(event, "eventType", event_type, authority="eventType", authorityURI=EVENT_TYPES)
+        event[-1].set("valueURI", f"{EVENT_TYPES}/{_EVENT_CODES[event_type]}")
+    else:
+        _add(event, "eventType", event_type)
     _add(event, "eventDateTime", _at(when))
     for detail in details:
         _add(_add(event, "eventDetailInformation"), "eventDetail", detail)
@@ -369,7 +373,41 @@ def _fixity_event(
     doc.link(object_id, event_id)
 
 
+def _review_events(doc: _Document, store: Store, outputs: set[str]) -> None:
+    """Each curator's decision on one of the outputs: outcome approved or rejected, the note,
+    and the curator as the agent who decided."""
+    for review in store.reviews():
+        if review.output_path not in outputs:
+            continue
+        curator = _curator_agent(doc, review.reviewer)
+        event_id = _event(
+            doc,
+            f"review-{review.id}",
+            "review decision",
+            review.decided_at,
+            details=["a curator judged the restored image"],
+            outcome=review.decision,
+            outcome_notes=[review.note] if review.note else [],
+            agents=[(curator, "curator")],
+            objects=[(review.output_path, "reviewed")],
+        )
+        doc.link(review.output_path, event_id)
+
+
 # ------------------------------------------------------------------ agents
+
+
+def _curator_agent(doc: _Document, name: str) -> str:
+    agent_id = f"curator-{name}"
+    if agent_id not in doc.agents:
+        agent = etree.Element(_p("agent"))
+        identifier = _add(agent, "agentIdentifier")
+        _add(identifier, "agentIdentifierType", LOCAL)
+        _add(identifier, "agentIdentifierValue", agent_id)
+        _add(agent, "agentName", name)
+        _add(agent, "agentType", "person")
+        doc.agents[agent_id] = agent
+    return agent_id
 
 
 def _program_agent(doc: _Document, version: str | None) -> str:

@@ -39,8 +39,8 @@ def _stage(model: str, licence: str | None) -> dict:
 @pytest.fixture
 def site(tmp_path):
     """A store as the daemon leaves it: photo.png seen, then the same bytes as dup/copy.png
-    (a duplicate), two runs with different recipes (v1 and v2: image + mask each), a clean
-    fixity audit, then an audit after v2's image was damaged."""
+    (a duplicate), two runs with different recipes (v1 and v2: image + mask each), a curator's
+    approval of v1, a clean fixity audit, then an audit after v2's image was damaged."""
     scans, restored, state = tmp_path / "scans", tmp_path / "restored", tmp_path / "state"
     (scans / "dup").mkdir(parents=True)
     restored.mkdir()
@@ -87,6 +87,8 @@ def site(tmp_path):
     def locate(item):
         return (scans if item.kind == "original" else restored) / item.path
 
+    approved = store.published_image_at("photo.v1.png")
+    store.record_review(approved.output_id, "approved", reviewer="ada", note="faces faithful")
     store.audit_fixity(locate)
     (restored / "photo.v2.png").write_bytes(b"bit rot")
     store.audit_fixity(locate)
@@ -221,3 +223,14 @@ def test_all_sources_are_exported_one_file_each(site, tmp_path, capsys):
     argv = ["--config", str(site["config"]), "export", "premis", "--all", "--out", str(out)]
     assert main(argv) == 0
     assert len(list(out.glob("*.premis.xml"))) == 1  # the duplicate is the same source
+
+
+def test_a_review_decision_is_an_event_with_the_curator_as_agent(site, tmp_path, capsys):
+    document = _export(site, tmp_path, capsys)
+    (review,) = document.xpath("p:event[p:eventType='review decision']", namespaces=NS)
+    assert _values(review, ".//p:eventOutcome") == ["approved"]
+    assert _values(review, ".//p:eventOutcomeDetailNote") == ["faces faithful"]
+    assert _values(review, ".//p:linkingAgentIdentifierValue") == ["curator-ada"]
+    assert _values(review, ".//p:linkingObjectIdentifierValue") == ["photo.v1.png"]
+    (curator,) = document.xpath("p:agent[p:agentName='ada']", namespaces=NS)
+    assert _values(curator, "p:agentType") == ["person"]
