@@ -5,18 +5,15 @@ breaks it; an output C2PA cannot sign is published unsigned with the reason in i
 
 from __future__ import annotations
 
-import datetime
 import json
 import struct
 from pathlib import Path
 
 import c2pa
 import pytest
+from c2pakeys import make_keys, pem_private_key
 from conftest import shared_file
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from modelfactory import tiny_compact
 
 from daemon.cli import main
@@ -27,84 +24,10 @@ from pipeline.sourcetype import ALGORITHMICALLY_ENHANCED, COMPOSITE_WITH_TRAINED
 PHOTO = "corpus/sr_benchmark/Set5/LR_bicubic_X4/babyx4.png"
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "scanrestore tests"),
-        ]
-    )
-
-
-def _usage(*, sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=not sign,
-        crl_sign=not sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _certificate(subject, issuer, public, signing_key, *, ca: bool, extra=()) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(_usage(sign=not ca), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-    )
-    for extension in extra:
-        builder = builder.add_extension(extension, critical=False)
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture
 def keys(tmp_path) -> dict[str, Path]:
-    """A root CA and, signed by it, an ES256 end-entity certificate for email protection (an
-    extended key usage C2PA accepts); chain.pem holds the signing certificate, then the root."""
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _certificate(
-        _name("test root"), _name("test root"), root_key.public_key(), root_key, ca=True
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = _certificate(
-        _name("test signer"),
-        root.subject,
-        key.public_key(),
-        root_key,
-        ca=False,
-        extra=[
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-        ],
-    )
-    paths = {name: tmp_path / "keys" / f"{name}.pem" for name in ("chain", "key", "root")}
-    paths["chain"].parent.mkdir()
-    paths["chain"].write_bytes(_pem(leaf) + _pem(root))
-    paths["root"].write_bytes(_pem(root))
-    paths["key"].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
+    """A root CA and an ES256 signer it certified (tests/c2pakeys.py)."""
+    return make_keys(tmp_path / "keys")
 
 
 @pytest.fixture
@@ -208,14 +131,7 @@ def test_an_output_c2pa_cannot_sign_is_published_unsigned_with_its_reason(
 def test_a_key_that_does_not_match_the_certificate_stops_before_any_image(
     tmp_path, capsys, cache, keys
 ):
-    other = ec.generate_private_key(ec.SECP256R1())
-    keys["key"].write_bytes(
-        other.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    keys["key"].write_bytes(pem_private_key(ec.generate_private_key(ec.SECP256R1())))
     out = tmp_path / "out"
     code = main(["--config", str(_config(tmp_path, keys)), "process", "x.png", "--out", str(out)])
     err = capsys.readouterr().err

@@ -234,3 +234,66 @@ def test_a_review_decision_is_an_event_with_the_curator_as_agent(site, tmp_path,
     assert _values(review, ".//p:linkingObjectIdentifierValue") == ["photo.v1.png"]
     (curator,) = document.xpath("p:agent[p:agentName='ada']", namespaces=NS)
     assert _values(curator, "p:agentType") == ["person"]
+
+
+# ------------------------------------------------------------------ the daemon, end to end
+
+
+def test_a_daemon_sources_export_validates_and_its_outputs_carry_the_standards(tmp_path, capsys):
+    """Real worker processes: bird.png published as v1, the same bytes dropped under a second
+    name (a duplicate), a new recipe making v2, a fixity audit; every output is signed with
+    C2PA and says compositeWithTrainedAlgorithmicMedia, and the source's PREMIS validates with
+    two creation events, each output deriving from the source through its run."""
+    from c2pakeys import make_keys
+    from modelfactory import nearest_compact
+    from test_daemon import Site
+
+    from daemon.config import load_config
+    from daemon.service import Daemon
+    from pipeline.credentials import read_manifest
+    from pipeline.image import decode
+    from pipeline.sourcetype import COMPOSITE_WITH_TRAINED, NEWSCODES
+
+    keys = make_keys(tmp_path / "keys")
+    provenance = {
+        "source_type": "print",
+        "c2pa_cert": str(keys["chain"]),
+        "c2pa_key": str(keys["key"]),
+    }
+    model = nearest_compact(tmp_path / "nearest2x.pth", scale=2)
+    site = Site(tmp_path / "site", model, provenance=provenance)
+    shutil.copy(shared_file("corpus/sr_benchmark/Set5/HR/bird.png"), site.scans / "bird.png")
+    assert site.once() == 0
+    (site.scans / "copies").mkdir()
+    shutil.copy(site.scans / "bird.png", site.scans / "copies" / "bird-again.png")
+    assert site.once() == 0
+    site.write_config(scale=1.5, provenance=provenance)
+    assert site.once() == 0
+    Daemon(load_config(site.config)).audit_fixity()
+    assert {"bird.v1.png", "bird.v2.png"} <= set(site.outputs())
+    for version in (1, 2):
+        output = site.out / f"bird.v{version}.png"
+        xmp = decode(output).metadata.xmp
+        assert COMPOSITE_WITH_TRAINED.encode() in xmp
+        assert f"{NEWSCODES}print".encode() in xmp  # the collection's source type
+        reader = read_manifest(output, "png", trust_anchors=keys["root"].read_bytes())
+        assert reader.get_validation_state() == "Trusted", reader.get_validation_results()
+    out = tmp_path / "premis"
+    argv = ["--config", str(site.config), "export", "premis", "--all", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    (written,) = out.iterdir()
+    document = etree.parse(str(written)).getroot()
+    schema = _schema()
+    assert schema.validate(document), schema.error_log
+    types = _values(document, "p:event/p:eventType")
+    assert types.count("creation") == 2 and types.count("ingestion") == 2
+    assert "fixity check" in types
+    for version in (1, 2):
+        (obj,) = document.xpath(
+            f"p:object[p:objectIdentifier/p:objectIdentifierValue='bird.v{version}.png']",
+            namespaces=NS,
+        )
+        (event_id,) = _values(obj, "p:relationship//p:relatedEventIdentifierValue")
+        assert event_id.startswith("run-")
+        assert event_id in _values(document, "p:event/p:eventIdentifier/p:eventIdentifierValue")
