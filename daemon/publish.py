@@ -362,6 +362,7 @@ class Finished:
     files: tuple[WrittenFile, ...]
     stages: tuple[Mapping[str, Any], ...]
     device: str | None
+    credentials: str | None = None  # C2PA: "c2pa", or why the image is unsigned; None: off
 
 
 class Publisher:
@@ -475,6 +476,8 @@ class Publisher:
                 for review in self.store.reviews_of_source(run.job.source_sha256, run.job.path)
             ],
         }
+        if run.credentials is not None:  # C2PA signing is on: "c2pa", or why not signed
+            document["content_credentials"] = run.credentials
         data = (json.dumps(document, indent=2, ensure_ascii=True) + "\n").encode()
         return write_temp(run.dest_dir, run.stem, "provenance", ".json", _bytes_writer(data))
 

@@ -249,6 +249,7 @@ class Session:
             files=outcome.files,
             stages=tuple(outcome.stages),
             device=outcome.device,
+            credentials=outcome.credentials,
         )
         try:
             plan = self.publisher.publish(finished)

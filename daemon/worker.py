@@ -64,6 +64,7 @@ class Outcome:
     stages: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     device: str | None = None
+    credentials: str | None = None  # "c2pa", or why the image went unsigned; None: signing off
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ class _Runner:
             stages=made.stages,
             seconds=time.perf_counter() - started,
             device=made.device,
+            credentials=made.credentials,
         )
 
 

@@ -5,6 +5,7 @@ derives from the source through the run event that made it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,6 +279,8 @@ def test_a_daemon_sources_export_validates_and_its_outputs_carry_the_standards(t
         assert f"{NEWSCODES}print".encode() in xmp  # the collection's source type
         reader = read_manifest(output, "png", trust_anchors=keys["root"].read_bytes())
         assert reader.get_validation_state() == "Trusted", reader.get_validation_results()
+        sidecar = json.loads((site.out / f"bird.v{version}.json").read_text())
+        assert sidecar["content_credentials"] == "c2pa"
     out = tmp_path / "premis"
     argv = ["--config", str(site.config), "export", "premis", "--all", "--out", str(out)]
     capsys.readouterr()
