@@ -25,10 +25,10 @@ _IPTC_PREFIX = re.compile(rb'xmlns:([A-Za-z_][\w.-]*)\s*=\s*["\']' + re.escape(I
 
 @dataclass(frozen=True)
 class Disclosure:
-    """What IPTC's fields say of an output: its DigitalSourceType (a NewsCode URI, None when no
-    stage changed the image), the type to record as the source's when the source's XMP states
-    none (a collection's `source_type`), and the AI systems (models) that made pixels with
-    their versions (SHA-256s), in the same order."""
+    """What IPTC's fields say of an output: its DigitalSourceType (a NewsCode URI; None when no
+    stage changed the image, which then takes the source's, if known), the type to record as
+    the source's when the source's XMP states none (a collection's `source_type`), and the AI
+    systems (models) that made pixels with their versions (SHA-256s), in the same order."""
 
     digital_source_type: str | None
     default_source_type: str | None = None
@@ -64,6 +64,10 @@ def stamp(
         xmp = _without_source_type(xmp)
         if own_type or disclosure.default_source_type:
             fields["SourceDigitalSourceType"] = own_type or disclosure.default_source_type or ""
+    if disclosure is not None and disclosure.digital_source_type is None:
+        # No stage changed the pixels: the output is what the scan is, where that is known.
+        source_type = own_type or disclosure.default_source_type
+        disclosure = dataclasses.replace(disclosure, digital_source_type=source_type)
     description = _description(fields, stages, models, disclosure)
     return dataclasses.replace(metadata, exif=exif, xmp=_merge_xmp(xmp, description))
 

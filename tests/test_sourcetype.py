@@ -112,6 +112,14 @@ def test_the_sources_own_type_moves_to_source_digital_source_type_and_its_xmp_st
     assert again.xmp.count(b"<Iptc4xmpExt:DigitalSourceType>") == 1
 
 
+def test_an_output_no_stage_changed_keeps_the_sources_type():
+    unchanged = Disclosure(None, default_source_type=NEWSCODES + "negativeFilm")
+    stamped = stamp(Metadata(xmp=SOURCE_XMP), software="s", properties={}, disclosure=unchanged)
+    assert f"<Iptc4xmpExt:DigitalSourceType>{NEWSCODES}print<".encode() in stamped.xmp
+    unknown = stamp(Metadata(), software="s", properties={}, disclosure=Disclosure(None))
+    assert b"DigitalSourceType" not in unknown.xmp  # nothing is claimed that is not known
+
+
 def test_the_collections_source_type_is_recorded_where_the_scan_states_none():
     disclosure = Disclosure(ALGORITHMICALLY_ENHANCED, default_source_type=NEWSCODES + "print")
     stamped = stamp(Metadata(), software="s", properties={}, disclosure=disclosure)
