@@ -22,6 +22,12 @@ from pipeline.files import sha256_file
 # Source: https://github.com/PREMIS-EC/editorial-committee, docs/DataDictionary/v3/
 # premis-v3-0.xsd (the schema published at https://www.loc.gov/standards/premis/v3/premis-v3-0.xsd).
 XSD = Path(__file__).parent / "data" / "premis-v3-0.xsd"
+# METS 1.12.1 (https://www.loc.gov/standards/mets/mets.xsd) as metsrw 0.7.0 ships it
+# (metsrw/resources/mets.xsd), and the METS XLink schema it imports
+# (https://www.loc.gov/standards/xlink/xlink.xsd) as Digital-Preservation-Finland/
+# dpres-xml-schemas keeps it (schema_catalogs/schemas_external/shared/xlink/loc.gov.xlink).
+METS_XSD = XSD.parent / "mets-1.12.1.xsd"
+XLINK = "http://www.w3.org/1999/xlink"
 NS = {"p": PREMIS_NS}
 MODEL_SHA = "12" * 32
 
@@ -300,3 +306,49 @@ def test_a_daemon_sources_export_validates_and_its_outputs_carry_the_standards(t
         (event_id,) = _values(obj, "p:relationship//p:relatedEventIdentifierValue")
         assert event_id.startswith("run-")
         assert event_id in _values(document, "p:event/p:eventIdentifier/p:eventIdentifierValue")
+
+
+def _mets_schema() -> etree.XMLSchema:
+    """METS 1.12.1 and PREMIS 3 together (so the PREMIS inside the METS is validated too, not
+    skipped as lax content), METS's XLink schema read from tests/data instead of loc.gov."""
+
+    class Local(etree.Resolver):
+        def resolve(self, url, public_id, context):
+            if url.endswith("/xlink.xsd"):
+                return self.resolve_filename(str(XSD.parent / "xlink.xsd"), context)
+            return None
+
+    driver = (
+        '<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">'
+        f'<xs:import namespace="http://www.loc.gov/METS/" schemaLocation="{METS_XSD.as_uri()}"/>'
+        f'<xs:import namespace="{PREMIS_NS}" schemaLocation="{XSD.as_uri()}"/>'
+        "</xs:schema>"
+    )
+    parser = etree.XMLParser()
+    parser.resolvers.add(Local())
+    return etree.XMLSchema(etree.fromstring(driver, parser))
+
+
+def test_the_mets_wrapping_validates_and_lists_every_file_with_its_checksum(site, tmp_path, capsys):
+    out = tmp_path / "mets"
+    argv = ["--config", str(site["config"]), "export", "premis", "--all", "--mets"]
+    assert main([*argv, "--out", str(out)]) == 0
+    (written,) = out.iterdir()
+    assert written.name.endswith(".mets.xml")
+    document = etree.parse(str(written)).getroot()
+    schema = _mets_schema()
+    assert schema.validate(document), schema.error_log
+    mets = {"m": "http://www.loc.gov/METS/", "p": PREMIS_NS}
+    (premis,) = document.xpath("//m:digiprovMD/m:mdWrap/m:xmlData/p:premis", namespaces=mets)
+    assert _schema().validate(etree.fromstring(etree.tostring(premis)))
+    files = {
+        f.xpath("string(m:FLocat/@xlink:href)", namespaces=mets | {"xlink": XLINK}): f
+        for f in document.xpath("//m:file", namespaces=mets)
+    }
+    assert sorted(files) == sorted(
+        ["photo.png", "photo.v1.png", "photo.v1.mask.png", "photo.v2.png", "photo.v2.mask.png"]
+    )
+    assert files["photo.png"].get("CHECKSUM") == site["sha"]
+    assert files["photo.png"].getparent().get("USE") == "original"
+    versions = document.xpath("//m:structMap/m:div/m:div/@LABEL", namespaces=mets)
+    assert versions == ["v1", "v2"]

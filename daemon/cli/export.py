@@ -26,11 +26,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="folder for <name>.<sha256 prefix>.premis.xml files (default: standard output, "
         "for one source)",
     )
+    premis.add_argument(
+        "--mets",
+        action="store_true",
+        help="wrap each PREMIS document in METS (fileSec with checksums, a structMap of the "
+        "source and its versions): <name>.<sha256 prefix>.mets.xml",
+    )
     premis.set_defaults(handler=_export_premis)
 
 
 def _export_premis(args: argparse.Namespace, config: Config) -> int:
+    from daemon.mets import mets_xml
     from daemon.premis import premis_xml
+    from daemon.processing import code_version
 
     if bool(args.paths) == bool(args.all):
         print("error: name source PATHs or --all, not both", file=sys.stderr)
@@ -44,13 +52,18 @@ def _export_premis(args: argparse.Namespace, config: Config) -> int:
         licences = {
             model_id: spec.licence for model_id, spec in model_store(config).specs().items()
         }
+        software = f"scanrestore {code_version()}"
         for sha, name in sources:
-            document = premis_xml(store, sha, licences=licences)
+            if args.mets:
+                document = mets_xml(store, sha, licences=licences, software=software)
+            else:
+                document = premis_xml(store, sha, licences=licences)
             if args.out is None:
                 sys.stdout.buffer.write(document)
                 continue
             args.out.mkdir(parents=True, exist_ok=True)
-            target = args.out / f"{PurePosixPath(name).name}.{sha[:12]}.premis.xml"
+            kind = "mets" if args.mets else "premis"
+            target = args.out / f"{PurePosixPath(name).name}.{sha[:12]}.{kind}.xml"
             temp = target.with_name(f".{target.name}.tmp")
             temp.write_bytes(document)
             temp.replace(target)
