@@ -246,6 +246,27 @@ def test_quick_restore_run_reports_damage_clean_change_and_detection(tmp_path):
     assert "restore (defaults" in done.stdout
 
 
+def test_quick_colour_run_reports_every_kind_and_the_faded_copies(tmp_path):
+    shared_file("corpus/sr_benchmark/Set5/HR")
+    out = tmp_path / "colour.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "colour.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    kinds = report["summary"]["kinds"]
+    assert set(kinds) == {"clean", "low-key", "high-key", "saturated", "monochrome", "sepia",
+                          "cyanotype", "selenium"}  # fmt: skip
+    assert all(kind["images"] == 5 for kind in kinds.values())
+    assert len(report["images"]) == 40 and len(report["faded"]) == 5
+    for faded in report["faded"]:
+        assert faded["delta_e_before"] > 5  # the simulated fading is visible
+    assert "faded (5): mean delta E" in done.stdout
+
+
 def test_quality_exits_2_naming_the_folder_where_shared_is_absent(tmp_path, monkeypatch, capsys):
     missing = tmp_path / "shared"
     monkeypatch.setattr(quality, "SHARED", missing)

@@ -180,6 +180,101 @@ def test_cast_threshold_one_turns_white_balance_off(ctx):
     np.testing.assert_array_equal(result.image.pixels, cast)
 
 
+# --- colour that never harms: toned, low-key, high-key and saturated pictures -----------------
+
+
+def city100_crop(top: int, left: int) -> np.ndarray:
+    path = shared_file("corpus/real_lr_hr_pairs/City100_NikonD5500/061H.PNG")
+    return np.ascontiguousarray(decode(path).pixels[top : top + 256, left : left + 256])
+
+
+def percentile_rule_gain(pixels: np.ndarray) -> np.ndarray:
+    """The gains the percentile rule alone (the stage before evidence) would apply."""
+    from pipeline.stages.restore import colour
+
+    black, white = np.percentile(pixels.reshape(-1, 3), [0.5, 99.5], axis=0).astype(np.float64)
+    low, high = float(black.min()), float(white.max())
+    cast = float(max((black - low).max(), (high - white).max())) / (high - low)
+    balance = colour._smoothstep(0.30, cast)
+    gain, _ = colour._affine(black, white, balance, colour._smoothstep(0.25, 1 - high + low))
+    return gain
+
+
+def test_a_dark_scene_with_a_saturated_blue_object_is_left_alone(ctx):
+    """The issue's case: a 256 px night crop (a real photo's sky-and-roof crop at night
+    exposure, x^2.2 / 2) whose brightest thing is a saturated blue. The percentile rule alone
+    multiplies R/G/B by about 8.7 / 4.8 / 3.0 and greys the blue; the stage leaves it."""
+    night = (city100_crop(64, 896) ** 2.2 / 2).astype(np.float32)
+    gain = percentile_rule_gain(night)
+    assert gain[0] > 6 and gain[2] < gain[1] < gain[0]  # the harmful case is real
+    image = clean_image("Set5/HR/baby.png").replace(pixels=night)
+    result = run(image, ctx, dust=False)
+    assert result.skipped == "already balanced"
+    assert result.image.pixels is night
+    assert result.params["colour"]["white_balance"] == 0.0
+    assert result.params["colour"]["levels"] == 0.0
+
+
+def tone(relative: str, colour: tuple[float, float, float]) -> np.ndarray:
+    """A toned print of a real photo: the toner colours the mid-tones, the paper stays white."""
+    y = luma(clean_image(relative).pixels)[:, :, None]
+    return np.clip(y + np.array(colour, np.float32) * 4 * y * (1 - y), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("relative", "toner"),
+    [
+        ("Set14/HR/lenna.png", (0.11, 0.0, -0.11)),  # sepia
+        ("Set5/HR/baby.png", (-0.13, 0.0, 0.1)),  # cyanotype blue
+        ("Set14/HR/zebra.png", (0.05, -0.04, 0.02)),  # selenium
+        ("Set14/HR/man.png", (0.11, 0.0, -0.11)),
+    ],
+)
+def test_toned_prints_keep_their_tone(ctx, relative, toner):
+    toned = tone(relative, toner)
+    image = clean_image(relative).replace(pixels=toned)
+    result = run(image, ctx, dust=False)
+    assert result.params["colour"]["white_balance"] == 0.0
+    assert psnr(result.image.pixels, toned) > 40
+
+
+@pytest.mark.parametrize(
+    "relative", ["Set5/HR/baby.png", "Set14/HR/pepper.png", "Set14/HR/lenna.png"]
+)
+@pytest.mark.parametrize("key", ["low", "high", "saturated"])
+def test_low_key_high_key_and_saturated_pictures_are_left_alone(ctx, relative, key):
+    pixels = clean_image(relative).pixels
+    if key == "low":  # night or dark interior: no white at all
+        changed = pixels**2.2 / 2
+    elif key == "high":
+        changed = 1 - (1 - pixels) ** 2
+    else:
+        hsv = cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 1] = np.clip(hsv[:, :, 1] * 1.6, 0, 1)
+        changed = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    changed = np.clip(changed, 0, 1).astype(np.float32)
+    image = clean_image(relative).replace(pixels=changed)
+    result = run(image, ctx, dust=False)
+    assert psnr(result.image.pixels, changed) > 40
+
+
+def delta_e(a: np.ndarray, b: np.ndarray) -> float:
+    la, lb = (cv2.cvtColor(x.astype(np.float32), cv2.COLOR_RGB2Lab) for x in (a, b))
+    return float(np.mean(np.linalg.norm(la - lb, axis=2)))
+
+
+@pytest.mark.parametrize("relative", ["Set5/HR/head.png", "Set14/HR/comic.png"])
+def test_simulated_dye_fading_is_corrected(ctx, relative):
+    """Dye density left 0.55 / 0.75 / 0.9 (cyan fades first, blacks lift unequally) on a
+    yellowed paper base: the colour error against the unfaded print falls by half or more."""
+    clean = clean_image(relative).pixels
+    left, paper = np.array([0.55, 0.75, 0.9], np.float32), np.array([1, 0.95, 0.82], np.float32)
+    faded = ((1 - left * (1 - clean)) * paper).astype(np.float32)
+    result = run(clean_image(relative).replace(pixels=faded), ctx, dust=False)
+    assert result.params["colour"]["white_balance"] == 1.0
+    assert delta_e(result.image.pixels, clean) < 0.5 * delta_e(faded, clean)
+
+
 # --- dust and scratches -----------------------------------------------------------------------
 
 

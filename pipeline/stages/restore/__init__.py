@@ -1,6 +1,6 @@
 """Restoration of scanned prints, each part switchable: compression artefacts (an optional
-learned model), fading and colour cast (levels and white balance from robust percentiles), and
-dust and scratches (detected, inpainted, and reported as a mask of invented pixels)."""
+learned model), fading and colour cast (levels and white balance from robust percentiles, only
+where the picture gives evidence of them), and dust and scratches (detected, inpainted, and reported as a mask of invented pixels)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ __all__ = ["RestoreOptions", "RestoreStage"]
 class RestoreOptions(StageOptions):
     # Fading and colour cast: white balance and levels from the low/high percentiles of each
     # channel, applied only when the measured cast or fade passes its threshold (ramping to
-    # full strength 0.1 above it), so a balanced image is left exactly as it is.
+    # full strength 0.1 above it), so a balanced image is left exactly as it is, and only when
+    # the picture's own evidence says cast or fade (restore/colour.py): toned, monochrome,
+    # low-key, high-key and saturated pictures keep their colours.
     colour: bool = True
     # Largest cast left alone: how far one channel's black or white point lies from the
     # darkest black / brightest white of any channel, as a share of that range.
@@ -72,7 +74,7 @@ class RestoreStage:
     """Repair what time did to a print: JPEG artefacts, fading, casts, dust and scratches."""
 
     name: ClassVar[str] = "restore"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     Options: ClassVar[type[StageOptions]] = RestoreOptions
 
     def __init__(self, options: RestoreOptions | None = None) -> None:

@@ -33,6 +33,9 @@ _NEUTRAL = 0.06
 # Toned or monochrome: at any one brightness every pixel has nearly the same colour (the
 # toner's curve). Measured as the spread of chroma within brightness bins, relative to luma.
 _MONOCHROME_SPREAD = 0.035
+# Above this spread the picture is strongly coloured throughout (flowers, fabrics, stained
+# slides): its unequal channel ranges are its subject, and white balance is not attempted.
+_SATURATED_SPREAD = 0.45
 # A cast is a cast when the darks, mid-tones and lights all lean the way the black and white
 # points say (a saturated object leans only its own tones), and balancing leaves at least as
 # much of the picture neutral as before (a balanced picture's greys turn coloured).
@@ -40,13 +43,15 @@ _MIN_AGREEMENT = 0.5
 # White balance reads the white point: a picture whose brightest channel stays below this has
 # no white (a night or low-key scene), and the unequal channels are its colours, not a cast.
 _MIN_WHITE = 0.5
-# Fading lifts the black point: a picture whose darkest tones reach this low is low-key or
-# simply dark, never faded; one with no darks at all (black point above _MAX_FADED_BLACK) is
-# a sky or a wall, not a faded print. High-key pictures (most tones near the white) are not
-# faded. A faded print keeps its paper: its white point stays high, where a dark scene has none.
-_MIN_FADED_BLACK = 0.10
+# Fading lifts the black point and dims the paper. A picture whose darkest tones reach below
+# _MIN_FADED_BLACK is low-key or simply dark; one with no darks at all (black point above
+# _MAX_FADED_BLACK) is a sky or a wall; one whose white reaches _MAX_FADED_WHITE kept its paper
+# white, so its lifted blacks are its key (high-key, mist), not fading; one with no white at
+# all is a dark scene. Most tones near the white is high-key too.
+_MIN_FADED_BLACK = 0.15
 _MAX_FADED_BLACK = 0.45
 _MIN_FADED_WHITE = 0.6
+_MAX_FADED_WHITE = 0.92
 _MAX_FADED_MEDIAN = 0.75
 # Largest gain on any channel. A cast or fade that asks for more is what a dark scene, or
 # one lit by a saturated object, looks like to percentiles: refused, since the "correction"
@@ -91,6 +96,7 @@ class ColourEvidence:
     def cast_is_real(self) -> bool:
         return (
             not self.monochrome
+            and self.spread <= _SATURATED_SPREAD
             and self.white >= _MIN_WHITE
             and self.balance_gain <= _MAX_BALANCE_GAIN
             and self.neutral_after >= self.neutral_before
@@ -101,7 +107,7 @@ class ColourEvidence:
     def fade_is_real(self) -> bool:
         return (
             _MIN_FADED_BLACK <= self.black <= _MAX_FADED_BLACK
-            and self.white >= _MIN_FADED_WHITE
+            and _MIN_FADED_WHITE <= self.white <= _MAX_FADED_WHITE
             and self.median <= _MAX_FADED_MEDIAN
         )
 
