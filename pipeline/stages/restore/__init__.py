@@ -1,6 +1,7 @@
 """Restoration of scanned prints, each part switchable: compression artefacts (an optional
 learned model), fading and colour cast (levels and white balance from robust percentiles, only
-where the picture gives evidence of them), and dust and scratches (detected, inpainted, and reported as a mask of invented pixels)."""
+where the picture gives evidence of them), and dust and scratches (detected, inpainted, and
+reported as a mask of invented pixels)."""
 
 from __future__ import annotations
 
