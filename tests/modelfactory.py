@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "nearest_compact",
+    "random_defectunet",
     "random_gfpgan",
     "random_lama",
     "random_parsenet",
@@ -92,6 +93,20 @@ def nearest_compact(path: Path | str, scale: int = 2, *, seed: int = 0) -> Path:
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
     return _save(path, {"params": model.state_dict()})
+
+
+def random_defectunet(path: Path | str, *, width: int = 4, seed: int = 0) -> Path:
+    """The project's DefectUNet, randomly initialised, saved as safetensors as it ships."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.defectnet import DefectUNet
+
+    with _seeded(seed):
+        model = DefectUNet(width)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 def tiny_dncnn(

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import CORPUS, shared_file
-from modelfactory import random_lama, tiny_dncnn, tiny_fbcnn
+from modelfactory import random_defectunet, random_lama, tiny_dncnn, tiny_fbcnn
 from pydantic import ValidationError
 
 from pipeline.chain import ChainConfigError, build_chain
@@ -480,6 +480,62 @@ def test_lama_inpaints_through_the_store_and_records_its_hash(tmp_path, ctx):
         run(image.replace(pixels=damaged), ctx, artefact_model=str(weights))
 
 
+# --- the learned detector (DefectUNet), random weights of the real architecture -------------
+
+
+def test_the_learned_detector_runs_tiled_through_the_store_and_records_its_hash(tmp_path, ctx):
+    weights = random_defectunet(tmp_path / "defects.safetensors")
+    image = clean_image("Set5/HR/baby.png")
+    crop = image.replace(pixels=np.ascontiguousarray(image.pixels[100:260, 50:250]))
+    options = {"colour": False, "detector": "learned", "detector_model": str(weights)}
+    # A random network's probabilities sit near 0.5: cut low so that it marks something.
+    tiled = run(crop, ctx, tile=64, threshold=0.05, **options)
+    whole = run(crop, ctx, tile=0, threshold=0.05, **options)
+    dust = json.loads(json.dumps(tiled.params))["dust"]
+    assert dust["detector"] == "learned" and dust["detector_architecture"] == "DefectUNet"
+    assert dust["detector_model_sha256"] == sha256_file(weights)
+    assert dust["tiles"] > 1 and whole.params["dust"]["tiles"] == 1
+    assert tiled.mask is not None and tiled.mask.shape == crop.pixels.shape[:2]
+    assert dust["repaired_pixels"] == np.count_nonzero(tiled.mask) > 0
+    np.testing.assert_array_equal(tiled.mask, whole.mask)  # tiles agree with the whole image
+    untouched = tiled.mask == 0
+    np.testing.assert_array_equal(tiled.image.pixels[untouched], crop.pixels[untouched])
+
+
+@pytest.mark.parametrize(
+    ("relative", "bits"), [("Set14/HR/bridge.png", 8), ("Set5/HR/head.png", 16)]
+)
+def test_the_learned_path_keeps_greyscale_and_16_bit(tmp_path, ctx, relative, bits):
+    weights = random_defectunet(tmp_path / "defects.safetensors")
+    image = clean_image(relative)
+    pixels = np.ascontiguousarray(image.pixels[:96, :128])
+    if bits == 16:  # true 16-bit levels: a gentle ramp of less than one 8-bit step
+        ramp = np.linspace(0, 1 / 255, pixels.shape[1], dtype=np.float32)[None, :, None]
+        pixels = (np.rint(np.clip(pixels + ramp, 0, 1) * 65535) / 65535).astype(np.float32)
+    source = image.replace(pixels=pixels, bit_depth=bits)
+    result = run(
+        source, ctx, colour=False, detector="learned", detector_model=str(weights), threshold=0.05
+    )
+    out = result.image
+    assert out.pixels.shape == pixels.shape and out.bit_depth == bits
+    assert out.pixels.dtype == np.float32 and result.mask is not None
+    if bits == 16:  # nothing is quantised to 8-bit levels on the way
+        assert len(np.unique(np.rint(out.pixels * 65535) % 257)) > 100
+
+
+def test_a_detector_that_is_no_defectunet_is_refused(tmp_path, ctx):
+    weights = tiny_dncnn(tmp_path / "dncnn.pth", channels=1)
+    image = clean_image("Set14/HR/bridge.png")
+    with pytest.raises(StageError, match="not a DefectUNet"):
+        run(image, ctx, colour=False, detector="learned", detector_model=str(weights))
+
+
+def test_models_lists_the_learned_detector_only_when_it_runs():
+    assert RestoreStage(RestoreOptions(detector="learned")).models() == ["defectunet-v1"]
+    assert RestoreStage(RestoreOptions(detector="classic")).models() == []
+    assert RestoreStage(RestoreOptions(detector="learned", dust=False)).models() == []
+
+
 # --- options ----------------------------------------------------------------------------------
 
 
@@ -492,6 +548,8 @@ def test_lama_inpaints_through_the_store_and_records_its_hash(tmp_path, ctx):
         ({"low_percentile": 10, "high_percentile": 60}, None),
         ({"sensitivity": 1.5}, "less than or equal to 1"),
         ({"max_defect_px": 1}, "greater than or equal to 2"),
+        ({"detector": "unet"}, "Input should be 'learned' or 'classic'"),
+        ({"threshold": 1.0}, "less than 1"),
         ({"inpaint": "lama"}, "Input should be 'telea' or 'ns'"),
         ({"tile": 8}, "tile: must be 0"),
         ({"tile": 64, "overlap": 65}, "overlap: must not exceed the tile"),

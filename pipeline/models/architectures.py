@@ -140,6 +140,14 @@ def spandrel_descriptor(
 ) -> ImageModelDescriptor[Any]:
     import spandrel
 
+    from pipeline.models.defectnet import DEFECT_ARCH
+
+    if DEFECT_ARCH.detect(state_dict):  # ours, unknown to spandrel's registry
+        try:
+            defects = DEFECT_ARCH.load(state_dict)
+        except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+            raise ArchitectureMismatchError(f"{what}: not a loadable DefectUNet: {exc}") from exc
+        return defects.to(device)
     try:
         descriptor = spandrel.ModelLoader(device).load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError as exc:
@@ -179,7 +187,9 @@ def detect(state_dict: dict[str, Any], what: str) -> Detected:
     return Detected(
         architecture=str(descriptor.architecture.id),
         scale=descriptor.scale,
-        purpose=_SPANDREL_PURPOSES.get(descriptor.purpose, "denoise"),
+        purpose="defects"
+        if descriptor.architecture.id == "DefectUNet"
+        else _SPANDREL_PURPOSES.get(descriptor.purpose, "denoise"),
         loader="spandrel",
     )
 

@@ -12,9 +12,10 @@ from typing import Literal, get_args
 
 __all__ = ["Loader", "ModelSpec", "Origin", "Purpose", "ResolvedModel", "build_registry"]
 
-Purpose = Literal["upscale", "face", "detect", "parse", "denoise", "inpaint"]
+Purpose = Literal["upscale", "face", "detect", "parse", "denoise", "inpaint", "defects"]
 Loader = Literal["spandrel", "state_dict"]
-Origin = Literal["official", "custom", "file"]
+# "package": weights shipped inside the package (pipeline/models/weights), trained here.
+Origin = Literal["official", "custom", "file", "package"]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 __all__ = ["LoadedModel", "ModelStore", "VerifyResult", "VerifyStatus", "default_cache_dir"]
 
 _log = logging.getLogger(__name__)
+# Weights trained by this project and shipped with it (registry entries of origin "package").
+PACKAGED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 VerifyStatus = Literal["ok", "mismatch", "missing", "unpinned"]
 
@@ -114,8 +116,10 @@ class ModelStore:
         auto_fetch: bool = False,
     ) -> None:
         for key, spec in registry.items():
-            if key != spec.id or spec.origin != "official":
-                raise ValueError(f"registry entry {key!r} must be an official spec with that id")
+            if key != spec.id or spec.origin not in ("official", "package"):
+                raise ValueError(
+                    f"registry entry {key!r} must be an official or packaged spec with that id"
+                )
         self.cache_dir = Path(cache_dir)
         self.registry = registry
         self._urlopen = urlopen
@@ -143,7 +147,10 @@ class ModelStore:
             ) from None
 
     def path_for(self, spec: ModelSpec) -> Path:
-        """Where the spec's file lives (or would live) in the cache."""
+        """Where the spec's file lives (or would live) in the cache; packaged weights live in
+        the package itself."""
+        if spec.origin == "package":
+            return PACKAGED_WEIGHTS / spec.filename
         return Path(spec.filename) if spec.origin == "file" else self.cache_dir / spec.filename
 
     def _specs_from(self, catalogue: Mapping[str, Any]) -> dict[str, ModelSpec]:
@@ -308,6 +315,8 @@ class ModelStore:
             with self._catalogue.transaction() as catalogue:
                 specs = self._specs_from(catalogue)
                 known = next((s for s in specs.values() if s.sha256 == sha), None)
+                if known is not None and known.origin == "package":
+                    return known  # shipped with the package already; never written into it
                 if known is not None:
                     if model_id not in (None, known.id):
                         _log.info("%s is %s already; not naming it %s", source, known.id, model_id)
@@ -366,6 +375,8 @@ class ModelStore:
             spec = self._specs_from(catalogue).get(model_id)
             if spec is None:
                 raise UnknownModelError(f"{model_id!r} is not a known model id")
+            if spec.origin == "package":
+                raise ModelError(f"{model_id}: shipped with scanrestore; it cannot be removed")
             catalogue["custom"].pop(model_id, None)
             self.path_for(spec).unlink(missing_ok=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import cv2
 import numpy as np
 import spandrel
 from pydantic import Field, model_validator
@@ -23,11 +24,15 @@ from pipeline.stages.restore.inpaint import (
     inpaint_tile_lama,
     tiles_with_mask,
 )
+from pipeline.stages.restore.learned import detect_learned
 from pipeline.stages.restore.scratches import Detector, detect_defects
 from pipeline.stages.restore.shared import copy_pixels
 from pipeline.tiling import TileSettings, auto_overlap, luma, run_tiled
 
-__all__ = ["RestoreOptions", "RestoreStage"]
+__all__ = ["DEFAULT_DETECTOR", "RestoreOptions", "RestoreStage"]
+
+# The detector trained by this project (training/train_defects.py), shipped in the package.
+DEFAULT_DETECTOR = "defectunet-v1"
 
 
 class RestoreOptions(StageOptions):
@@ -46,6 +51,11 @@ class RestoreOptions(StageOptions):
     high_percentile: float = Field(99.5, gt=50, le=100)
     # Dust and scratches: thin bright or dark defects, found on the luma and inpainted.
     dust: bool = True
+    # "learned": the DefectUNet (detector_model) run tiled over the luma, its probability cut
+    # at `threshold`; "classic": the top-hat detector (scratches.py) tuned by `sensitivity`.
+    detector: Literal["learned", "classic"] = "classic"
+    detector_model: str = DEFAULT_DETECTOR
+    threshold: float = Field(0.5, gt=0, lt=1)
     # 0..1: higher also finds fainter defects and defects on busier backgrounds (see Detector).
     sensitivity: float = Field(0.5, ge=0, le=1)
     # Widest scratch or speck (pixels) treated as a defect; wider features are never touched.
@@ -85,7 +95,8 @@ class RestoreStage:
     def models(self) -> list[str]:
         opts = self.options
         inpainter = opts.inpaint_model if opts.dust else None
-        return [ref for ref in (opts.artefact_model, inpainter) if ref is not None]
+        detector = opts.detector_model if opts.dust and opts.detector == "learned" else None
+        return [ref for ref in (opts.artefact_model, detector, inpainter) if ref is not None]
 
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
@@ -141,15 +152,20 @@ class RestoreStage:
     ) -> tuple[np.ndarray, np.ndarray | None, dict]:
         opts = self.options
         detector = Detector.from_options(opts.sensitivity, opts.max_defect_px)
-        mask, found = detect_defects(pixels, detector)
+        params: dict[str, Any] = {"detector": opts.detector, "max_defect_px": opts.max_defect_px}
+        if opts.detector == "learned":
+            mask, learned = self._detect_learned(pixels, ctx)
+            params.update(learned, threshold=opts.threshold)
+            found = _count_defects(mask)
+        else:
+            mask, found = detect_defects(pixels, detector)
+            params["sensitivity"] = opts.sensitivity
         repaired = int(np.count_nonzero(mask))
-        params: dict[str, Any] = {
-            "sensitivity": opts.sensitivity,
-            "max_defect_px": opts.max_defect_px,
-            "defects": found,
-            "repaired_pixels": repaired,
-            "inpaint": opts.inpaint if opts.inpaint_model is None else "model",
-        }
+        params.update(
+            defects=found,
+            repaired_pixels=repaired,
+            inpaint=opts.inpaint if opts.inpaint_model is None else "model",
+        )
         if not repaired:
             return pixels, None, params
         out = pixels if owned else copy_pixels(pixels, ctx.scratch_dir)
@@ -158,6 +174,16 @@ class RestoreStage:
         else:
             params.update(self._inpaint_learned(out, mask, ctx))
         return out, mask, params
+
+    def _detect_learned(self, pixels: np.ndarray, ctx: StageContext) -> tuple[np.ndarray, dict]:
+        opts = self.options
+        ref = opts.detector_model
+        load = registered_loader(ctx, ref, _require_detector)
+        engine, params = self._engines.get(ref, ctx, opts.precision, load)
+        mask, tiling = detect_learned(
+            pixels, engine, opts.threshold, opts.tile, ctx.scratch_dir, ctx.progress
+        )
+        return mask, {**{f"detector_{k}": v for k, v in params.items()}, **tiling}
 
     def _inpaint_learned(self, out: np.ndarray, mask: np.ndarray, ctx: StageContext) -> dict:
         opts = self.options
@@ -183,6 +209,23 @@ def _require_restorer(descriptor: Any, ref: str) -> None:
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.scale != 1:
         kind = getattr(getattr(descriptor, "architecture", None), "id", "not an image model")
         raise StageError(f"restore: artefact model {ref} is not a 1x restoration model ({kind})")
+
+
+def _count_defects(mask: np.ndarray) -> int:
+    """Connected defects in the mask, counted on a copy at most 2048 px wide (memory stays
+    small on any scan; defects closer than the reduction merge)."""
+    height, width = mask.shape
+    step = max(1, -(-max(height, width) // 2048))
+    small = np.ascontiguousarray(mask[::step, ::step])
+    if step > 1:
+        small = cv2.dilate(small, np.ones((2, 2), np.uint8))
+    return int(cv2.connectedComponents((small > 0).view(np.uint8), connectivity=8)[0]) - 1
+
+
+def _require_detector(descriptor: Any, ref: str) -> None:
+    if getattr(getattr(descriptor, "architecture", None), "id", None) != "DefectUNet":
+        kind = getattr(getattr(descriptor, "architecture", None), "id", "not an image model")
+        raise StageError(f"restore: detector model {ref} is not a DefectUNet ({kind})")
 
 
 def _require_inpainter(descriptor: Any, ref: str) -> None:

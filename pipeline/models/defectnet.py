@@ -1,0 +1,96 @@
+"""DefectUNet: a small fully convolutional U-Net giving, for each pixel of a scan's luma, the
+probability that it is dust, a scratch, a fibre or a crack; wrapped as a spandrel architecture
+so it runs tiled through the same engine as every other model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import spandrel
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["DEFECT_ARCH", "DefectUNet", "defect_descriptor"]
+
+_MARKER = "defectunet.head.weight"  # a key no other architecture has
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DefectUNet(nn.Module):
+    """Four levels (widths w, 2w, 4w, 6w), max-pool down, bilinear up with skips; input
+    (N, 1, H, W) luma in 0..1 with H and W multiples of 8, output (N, 1, H, W) probabilities.
+    The luma is centred by its local mean so that exposure and tone do not matter."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.width = width
+        self.enc = nn.ModuleList([_block(2, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
+        self.mid = _block(4 * w, 6 * w)
+        self.dec = nn.ModuleList(
+            [_block(6 * w + 4 * w, 4 * w), _block(4 * w + 2 * w, 2 * w), _block(2 * w + w, w)]
+        )
+        self.defectunet = nn.Module()
+        self.defectunet.head = nn.Conv2d(w, 1, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.avg_pool2d(F.pad(x, (7, 7, 7, 7), mode="replicate"), 15, stride=1)
+        h = torch.cat([x - local, x - 0.5], dim=1)
+        skips = []
+        for block in self.enc:
+            h = block(h)
+            skips.append(h)
+            h = F.max_pool2d(h, 2)
+        h = self.mid(h)
+        for block, skip in zip(self.dec, reversed(skips), strict=True):
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = block(torch.cat([h, skip], dim=1))
+        return self.defectunet.head(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+class _DefectArch(spandrel.Architecture[DefectUNet]):
+    def __init__(self) -> None:
+        super().__init__(id="DefectUNet", detect=lambda state: _MARKER in state)
+
+    def load(self, state_dict: spandrel.StateDict) -> spandrel.ImageModelDescriptor[DefectUNet]:
+        width = int(state_dict["enc.0.0.weight"].shape[0])
+        model = DefectUNet(width)
+        model.load_state_dict(state_dict)
+        model.eval()
+        return spandrel.ImageModelDescriptor(
+            model,
+            state_dict,
+            architecture=self,
+            purpose="Restoration",
+            tags=[f"{width}w"],
+            supports_half=True,
+            supports_bfloat16=True,
+            scale=1,
+            input_channels=1,
+            output_channels=1,
+            size_requirements=spandrel.SizeRequirements(minimum=16, multiple_of=8),
+        )
+
+
+DEFECT_ARCH = _DefectArch()
+
+
+def defect_descriptor(state_dict: dict[str, Any]) -> spandrel.ImageModelDescriptor[DefectUNet]:
+    """The descriptor of a DefectUNet state dict (already loaded safely), or ValueError."""
+    if not DEFECT_ARCH.detect(state_dict):
+        raise ValueError("not a DefectUNet state dict")
+    return DEFECT_ARCH.load(state_dict)

@@ -1,0 +1,83 @@
+"""Procedural damage for training the defect detector (training/damage.py): seeded, drawn on
+real clean photos, with the mask of what the defects moved as the target, and only images
+the project may train on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CORPUS, shared_file
+
+from pipeline.image import decode
+from training import damage as dmg
+
+
+def clean_crop() -> np.ndarray:
+    pixels = decode(shared_file("corpus/sr_benchmark/skimage_cc0_HR/chelsea.png")).pixels
+    return np.ascontiguousarray(pixels[50:178, 100:228, :3])
+
+
+def test_the_same_seed_draws_the_same_damage_and_another_seed_other_damage():
+    clean = clean_crop()
+    first = dmg.damage(clean, np.random.default_rng(7))
+    again = dmg.damage(clean, np.random.default_rng(7))
+    other = dmg.damage(clean, np.random.default_rng(8))
+    np.testing.assert_array_equal(first.pixels, again.pixels)
+    np.testing.assert_array_equal(first.mask, again.mask)
+    assert not np.array_equal(first.mask, other.mask)
+    assert first.pixels.shape == (128, 128, 1) and first.pixels.dtype == np.float32
+    assert first.mask.shape == (128, 128) and set(np.unique(first.mask)) <= {0.0, 1.0}
+    assert first.pixels.min() >= 0 and first.pixels.max() <= 1
+
+
+def test_the_mask_is_exactly_where_the_defects_moved_pixels_visibly():
+    clean = clean_crop()
+    damaged, moved = dmg.draw_defects(clean, np.random.default_rng(3), amount=3.0)
+    np.testing.assert_allclose(moved, np.abs(damaged - clean).max(axis=2), atol=1e-6)
+    target = moved >= dmg.COVER
+    assert 0.001 < target.mean() < 0.5
+    # Outside the target the picture is as it was (to within the threshold).
+    assert np.abs(damaged - clean)[~target].max() < dmg.COVER
+
+
+def test_every_kind_of_defect_is_drawn_bright_or_dark_and_thin_or_wide():
+    clean = np.full((160, 160, 3), 0.5, np.float32)  # plain grey: every defect is visible
+    rng = np.random.default_rng(0)
+    for kind, draw in dmg._DRAW.items():
+        layer = np.zeros((160, 160), np.uint8)
+        for _ in range(5):
+            draw(layer, rng)
+        assert np.count_nonzero(layer) > 20, kind
+    damaged, moved = dmg.draw_defects(clean, np.random.default_rng(1), amount=4.0)
+    values = damaged[moved >= dmg.COVER]
+    assert (values > 0.8).any() and (values < 0.2).any()  # both polarities
+
+
+def test_amount_zero_draws_nothing():
+    clean = clean_crop()
+    damaged, moved = dmg.draw_defects(clean, np.random.default_rng(5), amount=0.0)
+    assert not moved.any()
+    np.testing.assert_array_equal(damaged, clean)
+
+
+def test_training_images_are_only_the_allowed_ones():
+    shared_file("corpus/sr_benchmark/McMaster/HR")
+    paths = dmg.training_images(CORPUS)
+    assert paths, "no training images found"
+    names = {p.name for p in paths}
+    assert {"astronaut.png", "camera.png"} <= names
+    assert any(p.parent.name == "HR" and p.parent.parent.name == "McMaster" for p in paths)
+    for path in paths:
+        lowered = str(path).lower()
+        assert "set5" not in lowered and "set14" not in lowered and "holdout" not in lowered
+        assert path.is_file()
+
+
+def test_a_forbidden_folder_is_refused(tmp_path, monkeypatch):
+    forbidden = tmp_path / "Set14" / "sr_benchmark" / "McMaster" / "HR"
+    forbidden.mkdir(parents=True)
+    (forbidden / "x.tif").write_bytes(b"")
+    with pytest.raises(ValueError, match="not allowed as training data"):
+        dmg.training_images(Path(tmp_path / "Set14"))
