@@ -27,6 +27,7 @@ from daemon.seen import Version, seen_versions
 from daemon.session import Session
 from daemon.store import Store, open_database, utc_now
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
+from daemon.web.server import WebServer
 from daemon.worker import WorkerPool, WorkerSettings
 from pipeline.chain import Chain
 from pipeline.errors import HashMismatchError
@@ -211,6 +212,7 @@ class Daemon:
             recipe_sha256[:12],
             cfg.workers,
         )
+        web = self._web()
         try:
             if not self.once:
                 watcher.start()
@@ -222,9 +224,24 @@ class Daemon:
             schedules.shutdown()
             watcher.stop()
             session.shutdown()
+            if web is not None:
+                web.stop()
             self.failures = session.failures
         log.info("stopped")
         return 0
+
+    def _web(self) -> WebServer | None:
+        """The review page in a child process of its own ([web] enabled; not for --once, which
+        exits when the folder is done). A public address without a token stops the start."""
+        if not self.config.web.enabled or self.once:
+            return None
+        from daemon.web.security import TokenRequiredError
+        from daemon.web.server import start_child
+
+        try:
+            return start_child(self.config)
+        except TokenRequiredError as exc:
+            raise DaemonError(str(exc)) from None
 
     def _check_folders(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,12 @@ decisions from the CLI shown by `history` and carried into the next version's si
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -314,3 +317,33 @@ def test_a_cli_decision_is_shown_by_history_and_carried_into_the_next_sidecar(st
     sidecar = json.loads((state.out / "album/scratched.v2.json").read_text())
     carried = [(r["decision"], r["reviewer"], r["note"], r["output"]) for r in sidecar["reviews"]]
     assert carried == recorded
+
+
+def test_watch_with_the_page_enabled_serves_it_and_takes_it_down_on_stop(tmp_path):
+    from webserver import free_port
+
+    port = free_port()
+    site = State(tmp_path, enabled=True, port=port)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--config", str(site.config), "watch"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert daemon.poll() is None, daemon.stderr.read()
+            try:
+                status = httpx.get(f"{url}/api/status", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the page did not answer within 120 s"
+                time.sleep(0.2)
+        assert status.status_code == 200 and status.json()["counts"]["queued"] == 0
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+        daemon.stderr.close()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/api/status", timeout=5)
