@@ -3,10 +3,11 @@ line each, naming the file and the key path."""
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,12 +18,24 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.chain import Chain, ChainConfigError, build_chain
 from pipeline.image import DEFAULT_MAX_PIXELS
 from pipeline.models import ModelStore, default_cache_dir
 from pipeline.sourcetype import source_type_uri
 
-__all__ = ["PRESETS", "Config", "ConfigError", "load_config", "model_store", "parse_config"]
+if TYPE_CHECKING:
+    # The chain (the stages and their neural-network libraries) is imported where a chain is
+    # built, so that reading a config costs no torch: the review page's server never builds one.
+    from pipeline.chain import Chain
+
+__all__ = [
+    "PRESETS",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "model_store",
+    "parse_config",
+    "state_dir",
+]
 
 DEFAULT_STAGES: tuple[dict[str, Any], ...] = ({"kind": "upscale"},)
 
@@ -232,6 +245,8 @@ class Config(_Section):
         known = self.presets_all()
         if name not in known:
             where = "--preset" if preset else "pipeline.preset"
+            from pipeline.chain import ChainConfigError
+
             raise ChainConfigError([f"{where}: unknown preset {name!r} (one of {_names(known)})"])
         return [dict(spec) for spec in known[name]]
 
@@ -239,11 +254,15 @@ class Config(_Section):
         where = (
             f"presets.{preset or self.pipeline.preset}" if preset or self.pipeline.preset else None
         )
+        from pipeline.chain import build_chain
+
         return build_chain(self.stages(preset), path=where or "pipeline.stages")
 
 
 def parse_config(data: dict[str, Any], *, source: str = "config.toml") -> Config:
     """Validate a parsed TOML document, including every stage's options."""
+    from pipeline.chain import ChainConfigError, build_chain
+
     problems: list[str] = []
     config = None
     try:
@@ -292,6 +311,16 @@ def load_config(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     return parse_config(data, source=str(path))
+
+
+def state_dir(config: Config) -> Path:
+    """Where the database lives: the config's, else systemd's $STATE_DIRECTORY, else XDG."""
+    if config.daemon.state_dir:
+        return Path(config.daemon.state_dir).expanduser()
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "scanrestore"
 
 
 def model_store(config: Config) -> ModelStore:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from daemon.config import Config, model_store
+from daemon.config import Config, model_store, state_dir
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.ingest import IngestError, Intake
 from daemon.processing import code_version, recipe_of, signing_key
@@ -44,16 +44,6 @@ class DaemonError(Exception):
 
 class LockHeldError(DaemonError):
     pass
-
-
-def state_dir(config: Config) -> Path:
-    """Where the database lives: the config's, else systemd's $STATE_DIRECTORY, else XDG."""
-    if config.daemon.state_dir:
-        return Path(config.daemon.state_dir).expanduser()
-    if os.environ.get("STATE_DIRECTORY"):
-        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "scanrestore"
 
 
 def _prepare_models(config: Config, chain: Chain) -> TrustedModels:

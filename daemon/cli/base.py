@@ -32,8 +32,8 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def open_state(config: Config) -> tuple[Store, JobQueue]:
+    from daemon.config import state_dir
     from daemon.queue import JobQueue
-    from daemon.service import state_dir
     from daemon.store import open_database
 
     store = open_database(state_dir(config) / "scanrestore.db")

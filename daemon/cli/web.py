@@ -37,13 +37,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from daemon.web.security import TokenRequiredError
-    from daemon.web.server import serve, url_of
+    from daemon.web.server import exec_server, url_of
 
     host = args.host or config.web.host
     port = config.web.port if args.port is None else args.port
-    print(f"review page at {url_of(host, port)}", flush=True)
     try:
-        serve(config, host=host, port=port)
+        print(f"review page at {url_of(host, port)}", flush=True)
+        exec_server(config, host=host, port=port)  # returns only by raising
     except TokenRequiredError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

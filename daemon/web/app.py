@@ -5,8 +5,7 @@ answer anything they cannot honour with a clean 4xx that changes nothing."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -164,7 +163,7 @@ def create_app(config: Config, roots: Roots, *, token: str, host: str) -> Starle
             resample = Image.Resampling.NEAREST if layer == "original" else None
             if region is None:
                 view = previews.fit(*size, width or previews.OVERVIEW_PX)
-                kind = resample or Image.Resampling.LANCZOS
+                kind = Image.Resampling.LANCZOS if resample is None else resample
                 picture = previews.overview(pixels, view, kind)
             else:
                 target = None if width is None else previews.fit(region.w, region.h, width)
@@ -241,22 +240,10 @@ def create_app(config: Config, roots: Roots, *, token: str, host: str) -> Starle
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: not_found},
-        lifespan=_lifespan(site),
     )
     allowed = ("127.0.0.1", "localhost", "::1") if is_loopback(host) else ()
     app.add_middleware(Guard, token=token, allowed_hosts=allowed)
     return app
-
-
-def _lifespan(site: Site) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            site.close()
-
-    return lifespan
 
 
 def _choice(value: str | None, allowed: tuple[str, ...], name: str) -> str | None:

@@ -64,6 +64,8 @@ def _band_of_tiff(data: np.ndarray, start: int) -> Image.Image:
 def _open(path: Path, max_pixels: int) -> tuple[Image.Image | np.ndarray, bytes | None]:
     """The decoded image (Pillow's, or a TIFF's samples as tifffile reads them, 16-bit kept)
     and its ICC profile."""
+    # This process's bound is the config's (checked below before decoding), not Pillow's.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
     try:
         with Image.open(path) as probe:
             width, height = probe.size
@@ -72,11 +74,11 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image | np.ndarray, bytes 
             raise PreviewError(f"{path}: {width}x{height} is more than {max_pixels} pixels")
         if fmt == "TIFF":
             return _open_tiff(path)
-        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
         image = Image.open(path)
         image.load()
         icc = image.info.get("icc_profile")
-        return ImageOps.exif_transpose(image), icc
+        ImageOps.exif_transpose(image, in_place=True)  # a copy would double the memory
+        return image, icc
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise PreviewError(f"{path}: cannot be previewed: {exc}") from exc
 
@@ -235,7 +237,7 @@ def crop(
     right, bottom = min(width, int(np.ceil(x1)) + margin), min(height, int(np.ceil(y1)) + margin)
     part = Image.fromarray(np.ascontiguousarray(pixels[top:bottom, left:right]))
     box = (x0 - left, y0 - top, x1 - left, y1 - top)
-    return part.resize(size, resample or Image.Resampling.LANCZOS, box=box)
+    return part.resize(size, Image.Resampling.LANCZOS if resample is None else resample, box=box)
 
 
 def png(image: Image.Image) -> bytes:

@@ -37,8 +37,9 @@ class Roots:
 
 class Site:
     """The server's view of one daemon's state: one store and queue per thread (a sqlite3
-    connection is not shared between threads), the preview cache and the folders whose files
-    are reached only through paths the store recorded."""
+    connection is not shared between threads; each lasts as long as its thread, i.e. the
+    server process), the preview cache and the folders whose files are reached only through
+    paths the store recorded."""
 
     def __init__(self, config: Config, roots: Roots) -> None:
         self.config = config
@@ -49,8 +50,6 @@ class Site:
             max_pixels=config.image.max_pixels,
         )
         self._local = threading.local()
-        self._opened: list[Store] = []
-        self._lock = threading.Lock()
         self._shares: dict[str, float] = {}
         self._licences: dict[str, str] | None = None
 
@@ -60,15 +59,7 @@ class Site:
             store = open_database(self.roots.state / "scanrestore.db")
             self._local.store = store
             self._local.queue = JobQueue(store, lease_seconds=self.config.daemon.lease_seconds)
-            with self._lock:
-                self._opened.append(store)
         return store, self._local.queue
-
-    def close(self) -> None:
-        with self._lock:
-            for store in self._opened:
-                store.close()
-            self._opened.clear()
 
     # ------------------------------------------------------------------ files by id
 
