@@ -107,7 +107,7 @@ def test_the_dashboard_shows_the_database_counts_and_refreshes_itself(state, url
         )
         assert answer.status_code == 200
     page.wait_for_function(
-        "document.querySelector('[data-count=\"queued\"]').textContent === '1'", timeout=30000
+        "() => document.querySelector('[data-count=\"queued\"]').textContent === '1'", timeout=30000
     )
     assert page.locator('[data-count="quarantined"]').inner_text() == "0"
     assert page.evaluate("window.notReloaded") is True
@@ -120,7 +120,7 @@ def test_the_output_page_compares_overlays_and_zooms(state, url, page):
     page.goto(f"{url}/outputs/{output_id}")
     for layer in ("#pane-after img.base", "#pane-before img.base"):
         page.wait_for_function(
-            f"document.querySelector('{layer}').complete && "
+            f"() => document.querySelector('{layer}').complete && "
             f"document.querySelector('{layer}').naturalWidth > 0"
         )
     viewer = page.locator("#viewer")
@@ -137,11 +137,17 @@ def test_the_output_page_compares_overlays_and_zooms(state, url, page):
     assert page.locator("#pane-before").evaluate("el => getComputedStyle(el).clipPath") != clip
     band = slice(int(box["width"] * 0.55), int(box["width"] * 0.75))
     assert np.abs(dragged[:, band] - before[:, band]).mean() > 2  # that strip now shows before
-    # The invented-pixel mask as an overlay, toggled.
+    # The invented-pixel mask as an overlay on the output, toggled (the divider moved aside).
+    divider = page.locator("#divider").bounding_box()
+    page.mouse.move(divider["x"] + divider["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    dragged = _shot(viewer)
     mask = page.locator("#mask")
     assert not mask.is_visible()
     page.locator("#mask-on").check()
-    page.wait_for_function("document.querySelector('#mask').naturalWidth > 0")
+    page.wait_for_function("() => document.querySelector('#mask').naturalWidth > 0")
     assert mask.is_visible()
     assert np.abs(_shot(viewer) - dragged).max() > 30
     page.locator("#mask-on").uncheck()
@@ -149,25 +155,32 @@ def test_the_output_page_compares_overlays_and_zooms(state, url, page):
     # The original enlarged by plain Lanczos.
     page.select_option("#before-layer", "lanczos")
     page.wait_for_function(
-        "(() => { const img = document.querySelector('#pane-before img.base');"
-        " return img.src.includes('/image/lanczos') && img.complete && img.naturalWidth > 0; })()"
+        "() => { const img = document.querySelector('#pane-before img.base');"
+        " return img.src.includes('/image/lanczos') && img.complete && img.naturalWidth > 0; }"
     )
     assert page.locator("#before-tag").inner_text() == "Lanczos resize"
-    # 100 %: native-resolution crops of the visible region replace the overview.
+    # 100 %: this 1024 px output's overview is already at full resolution; beyond it (200 %),
+    # native-resolution crops of the visible region are laid over the overview.
     page.locator("#zoom-100").click()
     assert page.locator("#zoom-level").inner_text() == "100 %"
-    detail = page.locator("#pane-after img.detail").first
-    detail.wait_for(state="attached")
+    assert page.locator("#pane-after img.base").evaluate("img => img.naturalWidth") == 1024
+    page.locator("#zoom-200").click()
+    assert page.locator("#zoom-level").inner_text() == "200 %"
     page.wait_for_function(
-        "(() => { const img = document.querySelector('#pane-after img.detail');"
-        " return img && img.complete && img.naturalWidth > 0; })()"
+        "() => { const img = document.querySelector('#pane-after img.detail');"
+        " return img && img.complete && img.naturalWidth > 0; }"
     )
+    detail = page.locator("#pane-after img.detail").first
     assert detail.evaluate("img => img.naturalWidth") == round(
         detail.evaluate("img => parseFloat(img.style.width)")
     )
     page.locator("#zoom-fit").click()
+    page.mouse.move(box["x"] + 7, box["y"] + box["height"] / 2)  # the divider, back to the middle
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
     page.locator("#mask-on").check()
-    page.wait_for_function("document.querySelector('#mask').naturalWidth > 0")
+    page.wait_for_function("() => document.querySelector('#mask').naturalWidth > 0")
     _save(page.screenshot(), "web-output.png")
 
 
@@ -193,7 +206,7 @@ def test_keyboard_decisions_are_recorded_and_shown(state, url, page):
     page.locator("#note").fill("looks right after all")
     page.locator("#note").press("Tab")
     page.locator("body").press("a")
-    page.wait_for_function("document.querySelector('#state').dataset.state === 'approved'")
+    page.wait_for_function("() => document.querySelector('#state').dataset.state === 'approved'")
     _wait(lambda: len(decisions()) == 3, what="a third review event")
     with state.db() as db:
         note = db.execute("SELECT note FROM reviews ORDER BY id DESC LIMIT 1").fetchone()[0]

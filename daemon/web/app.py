@@ -170,6 +170,10 @@ def create_app(config: Config, roots: Roots, *, token: str, host: str) -> Starle
                 picture = previews.crop(pixels, region, size, resample, target)
         except PreviewError as exc:
             raise BadRequest(422, str(exc)) from None
+        if layer == "mask":  # invented pixels in magenta, the rest transparent
+            alpha = picture.convert("L")
+            picture = Image.new("RGBA", alpha.size, (255, 0, 255, 0))
+            picture.putalpha(alpha)
         return Response(
             previews.png(picture),
             media_type="image/png",

@@ -28,11 +28,17 @@
     document.getElementById("empty").hidden = items.length > 0;
   }
   async function decide(decision) {
+    // The cursor moves on at once, so keys pressed in quick succession judge successive items.
     const item = items[current];
     if (!item) return;
-    await post(`/api/outputs/${item.id}/review`, { decision });
-    item.state = decision;
     current = Math.min(current + 1, items.length - 1);
+    render();
+    try {
+      await post(`/api/outputs/${item.id}/review`, { decision });
+      item.state = decision;
+    } catch (error) {
+      item.state = `not recorded: ${error.message}`;
+    }
     render();
   }
   document.addEventListener("keydown", (event) => {
