@@ -178,6 +178,7 @@ class Daemon:
             recipe_sha256=recipe_sha256,
             input_root=self.input,
             output_root=self.output,
+            state_root=self.state,
             software=f"scanrestore {code_version()}",
             once=self.once,
             stopping=self._stop,

@@ -16,6 +16,7 @@ from pathlib import Path
 from daemon.config import Config
 from daemon.logs import escape_controls
 from daemon.processing import retry_is_worthwhile
+from daemon.progress import progress_path
 from daemon.publish import (
     Finished,
     PublicationError,
@@ -61,6 +62,7 @@ class Session:
         recipe_sha256: str,
         input_root: Path,
         output_root: Path,
+        state_root: Path,
         software: str,
         once: bool,
         stopping: threading.Event,
@@ -76,6 +78,7 @@ class Session:
         self.recipe_sha256 = recipe_sha256
         self.input = input_root
         self.output = output_root
+        self.state = state_root
         self.software = software
         self.once = once
         self.failures = 0
@@ -142,6 +145,7 @@ class Session:
                 recipe_sha256=job.recipe_sha256,
                 software=self.software,
                 mask=self.config.daemon.mask_sidecar,
+                progress=str(progress_path(self.state, job.id)),
             )
             self._running[job.id] = _Running(job, task, self._clock())
             self.pool.submit(task)
@@ -171,6 +175,7 @@ class Session:
         for task in self.pool.stop(0 if self._running else timeout):
             running = self._running.pop(task.job_id, None)
             remove_stem_temps(Path(task.dest_dir), task.stem)
+            progress_path(self.state, task.job_id).unlink(missing_ok=True)
             if running is not None:
                 self.queue.release(running.job)
                 log.info("abandoned path=%s back to the queue", safe_name(running.job.path))
@@ -179,6 +184,7 @@ class Session:
 
     def _finish(self, event: Outcome | WorkerDied) -> None:
         running = self._running.pop(event.task.job_id, None)
+        progress_path(self.state, event.task.job_id).unlink(missing_ok=True)
         if running is None:
             if isinstance(event, Outcome):
                 remove_written(event.files)

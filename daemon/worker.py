@@ -18,6 +18,7 @@ from typing import Any
 from daemon import worker_entry
 from daemon.logs import log_to_stderr
 from daemon.processing import OutputSettings, Stamp, failure_of, process_image
+from daemon.progress import ProgressWriter
 from daemon.publish import WrittenFile, remove_written
 from pipeline.files import sha256_file
 
@@ -49,6 +50,7 @@ class Task:
     recipe_sha256: str
     software: str
     mask: bool = True  # write the mask of invented pixels as a sidecar
+    progress: str | None = None  # a file the worker keeps current (daemon.progress)
 
 
 @dataclass(frozen=True)
@@ -258,12 +260,17 @@ class _Runner:
         if (change := _source_change(task)) is not None:
             return Outcome(task, "changed", error=f"{change} since it was queued")
         dest = Path(task.dest_dir)
+        report = None
+        if task.progress is not None:
+            report = ProgressWriter(Path(task.progress), len(self.chain.stages))
         ctx = StageContext(
             models=self.models,
             device=self.device,
             precision=self.config.processing.precision,
             seed=self.config.processing.seed,
             scratch_dir=dest,
+            progress=None if report is None else report.tiles,
+            on_stage=None if report is None else report.stage,
         )
         made = process_image(
             Path(task.source),

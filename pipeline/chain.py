@@ -138,6 +138,8 @@ class Chain:
         masks: dict[str, Any],
         **extra: Any,
     ) -> Image:
+        if ctx.on_stage is not None:
+            ctx.on_stage(stage.name)
         started = time.perf_counter()
         result = stage.run(image, ctx, **extra)
         seconds = time.perf_counter() - started

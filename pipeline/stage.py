@@ -36,7 +36,8 @@ class StageContext:
     device: str = "cpu"
     precision: str = "auto"
     seed: int = 0
-    progress: Callable[[int, int], None] | None = None
+    progress: Callable[[int, int], None] | None = None  # tiles done, of total
+    on_stage: Callable[[str], None] | None = None  # a chain calls it as each stage starts
     scratch_dir: Any = None  # a folder for disk-backed buffers of very large images
 
 

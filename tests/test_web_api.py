@@ -319,28 +319,45 @@ def test_a_cli_decision_is_shown_by_history_and_carried_into_the_next_sidecar(st
     assert carried == recorded
 
 
-def test_watch_with_the_page_enabled_serves_it_and_takes_it_down_on_stop(tmp_path):
+def test_watch_with_the_page_enabled_serves_it_with_progress_and_takes_it_down(tmp_path):
     from webserver import free_port
 
     port = free_port()
-    site = State(tmp_path, enabled=True, port=port)
+    site = State(tmp_path, tile=32, enabled=True, port=port)  # 640x480 in 300 tiles
+    site.drop("photo.jpg", "corpus/metadata_edge_cases/exifsamples_DSCN0010.jpg")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "daemon", "--config", str(site.config), "watch"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+
+    def status() -> dict | None:
+        assert daemon.poll() is None, daemon.stderr.read()
+        try:
+            return httpx.get(f"{url}/api/status", timeout=5).json()
+        except httpx.TransportError:
+            return None
+
+    def wait_for(predicate, what: str) -> dict:
+        deadline = time.monotonic() + 180
         while True:
-            assert daemon.poll() is None, daemon.stderr.read()
-            try:
-                status = httpx.get(f"{url}/api/status", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the page did not answer within 120 s"
-                time.sleep(0.2)
-        assert status.status_code == 200 and status.json()["counts"]["queued"] == 0
+            now = status()
+            if now is not None and predicate(now):
+                return now
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {now}"
+            time.sleep(0.1)
+
+    try:
+        tiled = wait_for(
+            lambda s: any((j["progress"] or {}).get("total") for j in s["running"]),
+            "a running job's tile progress",
+        )
+        progress = tiled["running"][0]["progress"]
+        assert progress["stage"] == "upscale" and progress["stages"] == 2
+        assert 0 <= progress["done"] <= progress["total"] == 300
+        wait_for(lambda s: s["counts"]["done"] == 1 and not s["running"], "the job done")
+        assert list((site.state / "progress").glob("*")) == []  # removed with the job
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0

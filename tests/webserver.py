@@ -28,7 +28,7 @@ SET5 = "corpus/sr_benchmark/Set5/HR"
 class State:
     """A watched folder, an output folder, a state folder and a config file."""
 
-    def __init__(self, root: Path, **web: object) -> None:
+    def __init__(self, root: Path, *, tile: int = 256, **web: object) -> None:
         self.root = root
         self.scans, self.out, self.state = root / "scans", root / "out", root / "state"
         self.scans.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,7 @@ class State:
             'kind = "upscale"',
             f"model = {json.dumps(str(model))}",
             "scale = 2.0",
+            f"tile = {tile}",
         ]
         self.config.write_text("\n".join(lines) + "\n")
 

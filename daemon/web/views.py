@@ -5,7 +5,7 @@ provenance. Plain JSON-ready values; handlers only serialise them."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import Config, model_store
+from daemon.progress import read_progress
 from daemon.queue import JobQueue
 from daemon.schedule import ActiveHours
 from daemon.store import (
@@ -115,6 +116,7 @@ class Site:
                     "path": job.path,
                     "since": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
                     "attempt": job.attempts,
+                    "progress": _progress(self.roots.state, job.id),
                 }
             )
         return {
@@ -229,6 +231,11 @@ class Site:
             ],
             "presets": sorted(self.config.presets_all()),
         }
+
+
+def _progress(state: Path, job_id: int) -> dict[str, Any] | None:
+    found = read_progress(state, job_id)
+    return None if found is None else asdict(found)
 
 
 def _inside(root: Path, relative: str) -> Path:

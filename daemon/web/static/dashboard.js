@@ -14,7 +14,9 @@
     for (const node of document.querySelectorAll("[data-count]")) {
       node.textContent = status.counts[node.dataset.count] || 0;
     }
-    rows("#running", status.running, (j) => [String(j.job), j.path, String(j.attempt), j.since || ""]);
+    const stage = (p) => (p === null ? "starting" : `${p.stage} (stage ${p.stages_done + 1} of ${p.stages})`
+      + (p.total ? `, tile ${p.done} of ${p.total}` : ""));
+    rows("#running", status.running, (j) => [String(j.job), j.path, stage(j.progress), String(j.attempt), j.since || ""]);
     document.getElementById("done24").textContent = status.done_24h;
     const peak = Math.max(1, ...status.files_per_hour);
     document.getElementById("per-hour").replaceChildren(...status.files_per_hour.map((n, i) => {
