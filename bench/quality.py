@@ -56,6 +56,8 @@ SET5 = CORPUS / "sr_benchmark" / "Set5"
 SET14 = CORPUS / "sr_benchmark" / "Set14"
 CITY100 = CORPUS / "real_lr_hr_pairs" / "City100_NikonD5500"
 SECTIONS = ("denoise", "restore", "upscale")
+# Run only when named: the restore section with each dust detector forced, side by side.
+EXTRA_SECTIONS = ("restore-classic", "restore-learned")
 
 SCALE = 4
 SHAVE = 4  # border pixels left out of PSNR/SSIM, as the SR literature does at x4
@@ -446,8 +448,10 @@ def restore_cases(run: Run) -> list[tuple[str, Image]]:
     return cases
 
 
-def bench_restore(run: Run) -> dict[str, Any]:
-    stage = RestoreStage(RestoreOptions())
+def bench_restore(run: Run, detector: str | None = None) -> dict[str, Any]:
+    """The restore stage's defaults, or the defaults with `detector` forced (the extra
+    sections restore-classic and restore-learned, for a side-by-side table)."""
+    stage = RestoreStage(RestoreOptions(**({"detector": detector} if detector else {})))
     cases = restore_cases(run)
     shown = {_first_named(cases, prefix, SHEET_RESTORE) for prefix in ("Set5/", "Set14/")}
     rows = [_restore_case(run, stage, name, image, name in shown) for name, image in cases]
@@ -617,7 +621,8 @@ def _restore_sheet_row(
 def print_restore(section: dict[str, Any]) -> None:
     rows, summary = section["images"], section["summary"]
     print(
-        f"\nrestore (defaults: {', '.join(p for p in ('colour', 'dust') if section['options'][p])})"
+        f"\nrestore (defaults: {', '.join(p for p in ('colour', 'dust') if section['options'][p])}"
+        f"; detector {section['options'].get('detector', 'classic')})"
         f", Set5+Set14, {len(rows)} images, seeded synthetic scratches and specks + grain:"
     )
     print(
@@ -951,7 +956,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all), or named only: "
+        f"{', '.join(EXTRA_SECTIONS)}",
     )
     parser.add_argument("--quick", action="store_true", help="one small crop per data set")
     parser.add_argument("--pairs", type=int, help="only the first N PolyU pairs")
@@ -960,15 +966,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sheet", type=Path, default=results / "quality_sheet.png")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(args.sections) - set(SECTIONS))
+    unknown = sorted(set(args.sections) - set(SECTIONS) - set(EXTRA_SECTIONS))
     if unknown or not args.sections:
-        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+        choices = ", ".join((*SECTIONS, *EXTRA_SECTIONS))
+        parser.error(f"--sections: unknown {unknown}; choose from {choices}")
     return args
 
 
 RUNNERS: dict[str, tuple[Callable[[Run], dict], Callable[[dict], None]]] = {
     "denoise": (bench_denoise, print_denoise),
     "restore": (bench_restore, print_restore),
+    "restore-classic": (lambda run: bench_restore(run, "classic"), print_restore),
+    "restore-learned": (lambda run: bench_restore(run, "learned"), print_restore),
     "upscale": (bench_upscale, print_upscale),
 }
 
@@ -991,14 +1000,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         ctx = StageContext(models=ModelStore(Path(cache)), device="cpu", precision="fp32")
         run = Run(ctx, plan)
-        for name in [s for s in SECTIONS if s in args.sections]:
+        for name in [s for s in (*SECTIONS, *EXTRA_SECTIONS) if s in args.sections]:
             report[name] = RUNNERS[name][0](run)
     report["seconds"] = time.perf_counter() - started
     report["corpus"] = dict(sorted(run.corpus.files.items()))
     report["models"] = run.models
     if run.sheet:
         report["sheet"] = render_sheet(run.sheet, args.sheet)
-    for name in [s for s in SECTIONS if s in report]:
+    for name in [s for s in (*SECTIONS, *EXTRA_SECTIONS) if s in report]:
         RUNNERS[name][1](report[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

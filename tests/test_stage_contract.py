@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from modelfactory import random_restoreformer, random_retinaface, tiny_compact, tiny_dncnn
+from modelfactory import (
+    random_defectunet,
+    random_restoreformer,
+    random_retinaface,
+    tiny_compact,
+    tiny_dncnn,
+)
 
 from pipeline.image import Image, Metadata
 from pipeline.models import ModelStore
@@ -48,6 +54,15 @@ FACTORIES: dict[str, list[Callable[[Path], Stage]]] = {
         lambda tmp: RestoreStage(RestoreOptions()),
         lambda tmp: RestoreStage(
             RestoreOptions(artefact_model=str(tiny_dncnn(tmp / "r.pth")), tile=32, sensitivity=1)
+        ),
+        # The learned dust detector (a random DefectUNet cut low so it marks pixels), tiled.
+        lambda tmp: RestoreStage(
+            RestoreOptions(
+                detector="learned",
+                detector_model=str(random_defectunet(tmp / "d.safetensors")),
+                threshold=0.05,
+                tile=32,
+            )
         ),
     ],
     "upscale": [

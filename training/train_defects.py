@@ -82,12 +82,14 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: DefectUNet, val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Pixel recall and precision at 0.5; precision counts a detection within 2 px of damage
-    as right (the harness's damaged region is the damage dilated by 2 px)."""
+def validate(
+    model: DefectUNet, val: tuple[torch.Tensor, torch.Tensor], threshold: float = 0.5
+) -> dict[str, float]:
+    """Pixel recall and precision at `threshold`; precision counts a detection within 2 px of
+    damage as right (the harness's damaged region is the damage dilated by 2 px)."""
     model.eval()
     xs, ys = val
-    found = torch.cat([model(xs[i : i + 8]) for i in range(0, len(xs), 8)]) >= 0.5
+    found = torch.cat([model(xs[i : i + 8]) for i in range(0, len(xs), 8)]) >= threshold
     model.train()
     truth = ys > 0.5
     near = F.max_pool2d(truth.float(), 5, stride=1, padding=2) > 0
@@ -116,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--evaluate", type=Path, help="print validation recall/precision of these weights"
+    )
     parser.add_argument("--every", type=int, default=250, help="validate every N steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -131,9 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = training_images(corpus)
     train_paths = [p for p in paths if p.name not in VALIDATION]
     val_paths = [p for p in paths if p.name in VALIDATION]
-    train, held = load_images(train_paths), load_images(val_paths)
-    val_rng = np.random.default_rng(SEED + 1)
-    val = batch(held, 64, 128, val_rng)
+    held = load_images(val_paths)
+    val = batch(held, 64, 128, np.random.default_rng(SEED + 1))
+    if args.evaluate is not None:
+        return evaluate(args.evaluate, val)
+    if args.out is None:
+        parser.error("--out is required for training")
+    train = load_images(train_paths)
     print(f"train images {len(train)}, validation images {len(held)} (64 crops)", flush=True)
 
     model = DefectUNet(args.width)
@@ -164,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         if out_of_time:
             print(f"stopped at step {step} of {args.steps}: --max-seconds reached", flush=True)
             break
+    return 0
+
+
+def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor]) -> int:
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    model = DefectUNet(int(state["enc.0.0.weight"].shape[0]))
+    model.load_state_dict(state)
+    for threshold in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        print(f"threshold {threshold}: {json.dumps(validate(model, val, threshold))}", flush=True)
     return 0
 
 

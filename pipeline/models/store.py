@@ -261,6 +261,8 @@ class ModelStore:
         place once complete and correct; on any failure nothing is left behind.
         """
         spec = self.spec(model_id)
+        if spec.origin == "package":
+            return self.path_for(spec)  # shipped with scanrestore: nothing to download
         if spec.url is None:
             raise ModelError(
                 f"{model_id}: custom models have no download URL; "
