@@ -1,11 +1,12 @@
 """Peak memory of the review page's server previewing a large output.
 
-    .venv/bin/python bench/preview_rss.py [--megapixels 100] [--scale 2] [--dir /tmp]
-        [--keep] [--out bench/results/preview_rss.json]
+    .venv/bin/python bench/preview_rss.py [--megapixels 100] [--scale 2] [--format png|tiff]
+        [--dir /tmp] [--keep] [--out bench/results/preview_rss.json]
 
-An output of `--megapixels` (8-bit RGB PNG, a smooth gradient with noise so it compresses like
-a photograph) and its original at 1/`--scale` the size are written, and recorded as one done
-run through the public store methods (observation, recipe, run with its output). Then a real
+An output of `--megapixels` (a smooth gradient with noise so it compresses like a photograph:
+8-bit RGB PNG, or with `--format tiff` a 16-bit RGB tiled Deflate TIFF as archival outputs
+are) and its original at 1/`--scale` the size are written, and recorded as one done run
+through the public store methods (observation, recipe, run with its output). Then a real
 `scanrestore serve` process is started over that state folder and asked, as the output page
 asks: the output's overview, a native-resolution crop at 100 % (1600x1000), the Lanczos
 view's overview and crop, the original's crop. Reported: the server's resident memory after
@@ -37,6 +38,32 @@ sys.path.insert(0, str(REPO))
 
 from daemon.store import OutputFile, open_database  # noqa: E402
 from pipeline.files import sha256_file  # noqa: E402
+
+
+def _tiff(path: Path, width: int, height: int, seed: int) -> None:
+    """16-bit, 256x256 tiles, Deflate: what scanrestore writes for a TIFF output."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    xs = np.linspace(0, 65535, width, dtype=np.float32)
+
+    def tiles():
+        for top in range(0, height, 256):
+            rows = min(256, height - top)
+            ys = np.linspace(top, top + rows, rows, dtype=np.float32)[:, None] * 65535 / height
+            band = np.stack([np.broadcast_to(xs, (rows, width)), np.broadcast_to(ys, (rows, width)),
+                             (xs[None, :] + ys) / 2], axis=-1)  # fmt: skip
+            band += rng.normal(0, 1500, band.shape).astype(np.float32)
+            band = np.clip(band, 0, 65535).astype(np.uint16)
+            padded = np.zeros((256, -(-width // 256) * 256, 3), np.uint16)
+            padded[:rows, :width] = band
+            for left in range(0, width, 256):
+                yield padded[:, left : left + 256]
+
+    tifffile.imwrite(
+        path, tiles(), shape=(height, width, 3), dtype=np.uint16, photometric="rgb",
+        tile=(256, 256), compression="zlib", compressionargs={"level": 1},
+    )  # fmt: skip
 
 
 def _image(path: Path, width: int, height: int, seed: int) -> None:
@@ -90,6 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megapixels", type=float, default=100.0)
     parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--format", choices=("png", "tiff"), default="png")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/preview_rss.json")
@@ -102,9 +130,11 @@ def main() -> int:
     width = round(height * 1.5)
     width, height = width - width % args.scale, height - height % args.scale
     started = time.monotonic()
-    source, output = scans / "scan.png", out / "scan.v1.png"
-    _image(source, width // args.scale, height // args.scale, seed=1)
-    _image(output, width, height, seed=2)
+    suffix = ".tif" if args.format == "tiff" else ".png"
+    source, output = scans / f"scan{suffix}", out / f"scan.v1{suffix}"
+    make = _tiff if args.format == "tiff" else _image
+    make(source, width // args.scale, height // args.scale, seed=1)
+    make(output, width, height, seed=2)
     _record(state, scans, out, source, output)
     made = time.monotonic() - started
     with socket.socket() as probe:
@@ -158,6 +188,7 @@ def main() -> int:
     peak = max(v["VmHWM"] for v in results.values() if isinstance(v, dict) and "VmHWM" in v)
     report = {
         "megapixels": round(width * height / 1e6, 1),
+        "format": args.format,
         "output_size": [width, height],
         "original_size": [width // args.scale, height // args.scale],
         "seconds_to_make_images": round(made, 1),

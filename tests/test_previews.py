@@ -122,3 +122,16 @@ def test_overviews_and_crops_are_cut_from_the_cache(tmp_path, cache):
     half = pixels[::2, ::2]
     enlarged = crop(half, Region(100, 50, 8, 6), (1500, 900), Image.Resampling.NEAREST)
     assert np.array_equal(np.asarray(enlarged)[::2, ::2], half[25:28, 50:54])
+
+
+@pytest.mark.parametrize("layout", [{"tile": (256, 256)}, {"rowsperstrip": 64}])
+def test_a_tiff_is_read_band_by_band_into_the_same_pixels(tmp_path, cache, layout):
+    # Sizes that are no multiple of the tile or strip: the edge blocks are padded in the file.
+    samples = np.random.default_rng(1).integers(0, 65536, (600, 500, 3), dtype=np.uint16)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, samples, photometric="rgb", compression="zlib", **layout)
+    preview = np.asarray(cache.pixels(path, sha256_file(path)))
+    expected = ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.array_equal(preview, expected)
+    small = cache.overview(path, sha256_file(path))
+    assert small.shape == (600, 500, 3)

@@ -275,6 +275,9 @@ def test_metrics_parse_and_equal_the_database(state, url):
         assert value("scanrestore_review_decisions", decision=decision) == q(
             "SELECT count(*) FROM reviews WHERE decision = ?", decision
         )
+    assert gauge("scanrestore_files_quarantined") == q(
+        "SELECT count(*) FROM jobs WHERE state = 'quarantined'"
+    )
     for job_state in ("queued", "done", "failed", "quarantined"):
         assert gauge("scanrestore_queue_depth", state=job_state) == q(
             "SELECT count(*) FROM jobs WHERE state = ?", job_state

@@ -1,7 +1,8 @@
 """Prometheus metrics at /metrics, read from the database at each scrape (so they always agree
-with it, whichever process did the work): counters of files taken in, done, failed,
-quarantined and duplicated, worker deaths, fixity mismatches and review decisions; the queue's
-depth by state; seconds per input megapixel by stage and model; the last output's time."""
+with it, whichever process did the work): counters of files taken in, done, failed and
+duplicated, worker deaths, fixity mismatches and review decisions; gauges of the queue's
+depth by state and the files quarantined now; seconds per input megapixel by stage and model;
+the last output's time."""
 
 from __future__ import annotations
 
@@ -54,12 +55,13 @@ class Metrics:
             ("fixity_mismatches", totals.fixity_mismatches, "Fixity audit hash mismatches."),
         ):
             yield CounterMetricFamily(f"scanrestore_{name}", text, value=value)
-        quarantined = CounterMetricFamily(
+        # A gauge, not a counter: a retry releases a file from quarantine, and the queue keeps
+        # no history of past quarantines to count.
+        yield GaugeMetricFamily(
             "scanrestore_files_quarantined",
             "Files quarantined now (a retry releases one).",
             value=counts.get("quarantined", 0),
         )
-        yield quarantined
         depth = GaugeMetricFamily(
             "scanrestore_queue_depth", "Jobs in the queue by state.", labels=["state"]
         )

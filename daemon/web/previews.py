@@ -39,31 +39,64 @@ class Region:
     h: int
 
 
-def _open_tiff(path: Path) -> tuple[np.ndarray, bytes | None]:
+@dataclass(frozen=True)
+class _Tiff:
+    """A TIFF read strip by strip or tile row by tile row (never decoded whole)."""
+
+    path: Path
+    width: int
+    height: int
+
+
+def _tiff_icc(path: Path) -> bytes | None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags.get(34675)  # InterColorProfile
+        return bytes(tag.value) if tag is not None else None
+
+
+def _to_8bit(block: np.ndarray) -> np.ndarray:
+    """(rows, width[, samples]) as 8-bit grey or RGB."""
+    if block.ndim == 3:
+        block = block[:, :, :3] if block.shape[2] >= 3 else block[:, :, 0]
+    if block.dtype == np.uint16:
+        return ((block.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if block.dtype != np.uint8:
+        raise PreviewError(f"{block.dtype} samples cannot be previewed")
+    return block
+
+
+def _tiff_bands(source: _Tiff) -> Iterator[Image.Image]:
+    """Each strip, or each row of tiles, as it is decoded (tifffile's segments, in order)."""
+    import tifffile
+
+    with tifffile.TiffFile(source.path) as tif:
         page = tif.pages[0]
-        tag = page.tags.get(34675)  # InterColorProfile
-        icc = bytes(tag.value) if tag is not None else None
-        data = page.asarray()
-    if data.dtype not in (np.uint8, np.uint16):
-        raise PreviewError(f"{path}: {data.dtype} samples cannot be previewed")
-    return data, icc
+        if page.planarconfig != 1 or page.imagedepth > 1:  # separate planes: whole, rarely
+            yield Image.fromarray(_to_8bit(page.asarray()))
+            return
+        rows = page.tilelength if page.is_tiled else (page.rowsperstrip or source.height)
+        band: np.ndarray | None = None
+        top = 0
+        # A small read buffer: tifffile would otherwise read 256 MiB of compressed data ahead.
+        for data, index, _shape in page.segments(maxworkers=1, buffersize=8 << 20):
+            y, x = index[2], index[3]
+            if band is None or y != top:
+                if band is not None:
+                    yield Image.fromarray(_to_8bit(band))
+                top = y
+                height = min(rows, source.height - y)
+                band = np.zeros((height, source.width, *data.shape[3:]), data.dtype)
+            block = data[0, : band.shape[0], : source.width - x]
+            band[:, x : x + block.shape[1]] = block
+        if band is not None:
+            yield Image.fromarray(_to_8bit(band))
 
 
-def _band_of_tiff(data: np.ndarray, start: int) -> Image.Image:
-    band = data[start : start + _BAND_ROWS]
-    if band.ndim == 3:
-        band = band[:, :, :3] if band.shape[2] >= 3 else band[:, :, 0]
-    if band.dtype == np.uint16:
-        band = ((band.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(band))
-
-
-def _open(path: Path, max_pixels: int) -> tuple[Image.Image | np.ndarray, bytes | None]:
-    """The decoded image (Pillow's, or a TIFF's samples as tifffile reads them, 16-bit kept)
-    and its ICC profile."""
+def _open(path: Path, max_pixels: int) -> tuple[Image.Image | _Tiff, bytes | None]:
+    """The decoded image (Pillow's), or a TIFF to be read band by band, and its ICC
+    profile."""
     # This process's bound is the config's (checked below before decoding), not Pillow's.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
     try:
@@ -73,7 +106,7 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image | np.ndarray, bytes 
         if width * height > max_pixels:
             raise PreviewError(f"{path}: {width}x{height} is more than {max_pixels} pixels")
         if fmt == "TIFF":
-            return _open_tiff(path)
+            return _Tiff(path, width, height), _tiff_icc(path)
         image = Image.open(path)
         image.load()
         icc = image.info.get("icc_profile")
@@ -83,12 +116,10 @@ def _open(path: Path, max_pixels: int) -> tuple[Image.Image | np.ndarray, bytes 
         raise PreviewError(f"{path}: cannot be previewed: {exc}") from exc
 
 
-def _bands(decoded: Image.Image | np.ndarray) -> tuple[tuple[int, int], Iterator[Image.Image]]:
-    """The image's size and its rows as 8-bit L or RGB images, _BAND_ROWS at a time."""
-    if isinstance(decoded, np.ndarray):
-        height, width = decoded.shape[:2]
-        bands = (_band_of_tiff(decoded, start) for start in range(0, height, _BAND_ROWS))
-        return (width, height), bands
+def _bands(decoded: Image.Image | _Tiff) -> tuple[tuple[int, int], Iterator[Image.Image]]:
+    """The image's size and its rows as 8-bit L or RGB images, a band at a time."""
+    if isinstance(decoded, _Tiff):
+        return (decoded.width, decoded.height), _tiff_bands(decoded)
     width, height = decoded.size
     mode = "L" if decoded.mode in ("L", "I;16", "I", "1", "LA") else "RGB"
 
@@ -175,11 +206,12 @@ class PreviewCache:
         with open(temp, "wb") as handle:
             header = {"descr": "|u1", "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_1_0(handle, header)
-            for index, band in enumerate(bands):
+            top = 0
+            for band in bands:
                 rows = np.asarray(band.convert("L")) if mask else to_srgb(band, transform)
                 handle.write(np.ascontiguousarray(rows).tobytes())
-                first = -index * _BAND_ROWS % k
-                reduced.append(np.ascontiguousarray(rows[first::k, ::k]))
+                reduced.append(np.ascontiguousarray(rows[-top % k :: k, ::k]))
+                top += rows.shape[0]
         del decoded
         small_pixels = np.asarray(
             Image.fromarray(np.concatenate(reduced)).resize(view, Image.Resampling.LANCZOS)
