@@ -367,3 +367,17 @@ def test_watch_with_the_page_enabled_serves_it_with_progress_and_takes_it_down(t
         daemon.stderr.close()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/api/status", timeout=5)
+
+
+def test_face_boxes_found_before_the_upscale_are_shown_in_output_pixels():
+    from daemon.web.views import _faces
+
+    face = {"stage": "face", "skipped": None, "params": {
+        "fidelity": 0.7, "faces": [{"box": [10.0, 20.5, 30.0, 60.0]}]}}  # fmt: skip
+    upscale = {"stage": "upscale", "skipped": None, "params": {}}
+    size = {"output": [400, 400], "source": [100, 100]}
+    assert _faces({"stages": [face, upscale]}, size) == [
+        {"box": [40, 82, 80, 158], "fidelity": 0.7}
+    ]
+    assert _faces({"stages": [upscale, face]}, size) == [{"box": [10, 20, 20, 39], "fidelity": 0.7}]
+    assert _faces({"stages": [{**face, "skipped": "no faces found"}, upscale]}, size) == []
