@@ -1,45 +1,159 @@
-"""Engines for model stages: load the weights, pick the precision, build one engine per
-(model, device, precision) and keep it for the stage's lifetime."""
+"""Engines for model stages: load the weights, pick the precision and the inference engine
+(torch, ncnn, or `auto`: measured on the machine), build one engine per (model, device,
+precision, engine) and keep it for the stage's lifetime."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from pipeline.errors import StageError
+from pipeline.runtimes import ENGINES
+from pipeline.runtimes.calibration import DECISIONS_NAME, calibrate, machine
 from pipeline.stage import StageContext
 from pipeline.tiling import Engine, resolve_device, resolve_precision
 
-__all__ = ["EngineCache", "Loader", "registered_loader"]
+__all__ = ["DEFAULT_ENGINE_MEMORY_MB", "EngineCache", "Loader", "registered_loader"]
+
+log = logging.getLogger(__name__)
 
 # (device, dtype) -> (spandrel descriptor on that device in that dtype, params naming the model)
 Loader = Callable[[str, torch.dtype], tuple[Any, dict[str, Any]]]
+# What one tile may add to resident memory under `auto` (the 16 MP at 4x under 3 GB bound).
+DEFAULT_ENGINE_MEMORY_MB = 2048
 
 
 class EngineCache:
     """Engines built on first use; a stage owns one, so construction stays free of I/O."""
 
     def __init__(self) -> None:
-        self._engines: dict[tuple[str, str, str], tuple[Engine, dict[str, Any]]] = {}
+        self._engines: dict[tuple[str, ...], tuple[Any, dict[str, Any]]] = {}
 
     def get(
-        self, ref: str, ctx: StageContext, precision: str, load: Loader, *, compile: bool = False
-    ) -> tuple[Engine, dict[str, Any]]:
+        self,
+        ref: str,
+        ctx: StageContext,
+        precision: str,
+        load: Loader,
+        *,
+        compile: bool = False,
+        engine: str = "torch",
+        sample: Callable[[Any], np.ndarray] | None = None,
+        memory_mb: float = DEFAULT_ENGINE_MEMORY_MB,
+    ) -> tuple[Any, dict[str, Any]]:
         """The engine for `ref` on the context's device; `precision` "auto" defers to the
-        context's. fp16 loads a half copy (the store shares fp32 weights between stages)."""
+        context's. fp16 loads a half copy (the store shares fp32 weights between stages).
+        `engine` "auto" calibrates on `sample(descriptor)`, a real tile (H, W, C float32)."""
+        if engine not in ENGINES:
+            raise StageError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
         device = resolve_device(ctx.device)
         wanted = precision if precision != "auto" else ctx.precision
-        key = (ref, device, wanted)
+        key = (ref, device, wanted, engine)
         if key not in self._engines:
-            descriptor, params = load(device, torch.float32)
-            chosen = resolve_precision(wanted, device, descriptor)
-            if chosen == "fp16":
-                descriptor, params = load(device, torch.float16)
-            engine = Engine(descriptor, device=device, precision=chosen, compile=compile)
-            params = {**params, "device": device, "precision": chosen, "compiled": compile}
-            self._engines[key] = (engine, params)
+            base, params = self._torch(ref, device, wanted, load, compile)
+            self._engines[key] = self._choose(base, params, ctx, engine, sample, memory_mb)
         return self._engines[key]
+
+    def _torch(
+        self, ref: str, device: str, wanted: str, load: Loader, compile: bool
+    ) -> tuple[Engine, dict[str, Any]]:
+        descriptor, params = load(device, torch.float32)
+        chosen = resolve_precision(wanted, device, descriptor)
+        if chosen == "fp16":
+            descriptor, params = load(device, torch.float16)
+        engine = Engine(descriptor, device=device, precision=chosen, compile=compile)
+        params = {**params, "device": device, "precision": chosen, "compiled": compile}
+        return engine, params
+
+    def _choose(
+        self,
+        base: Engine,
+        params: dict[str, Any],
+        ctx: StageContext,
+        engine: str,
+        sample: Callable[[Any], np.ndarray] | None,
+        memory_mb: float,
+    ) -> tuple[Any, dict[str, Any]]:
+        torch_params = {**params, "engine": "torch", "engine_version": torch.__version__}
+        if engine == "torch":
+            return base, torch_params
+        if base.device.type != "cpu" or base.precision != "fp32" or base.compiled:
+            reason = f"ncnn runs fp32 on the CPU here, not {base.precision} on {base.device}"
+            return base, {**torch_params, "engine_requested": engine, "engine_fallback": reason}
+        cache_dir = Path(ctx.models.cache_dir)
+        weights = _weights_key(params)
+        candidates: dict[str, Any] = {"torch": base}
+        fallbacks: dict[str, str] = {}
+        converted: dict[str, dict[str, Any]] = {}
+        threads = torch.get_num_threads()
+        try:
+            from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
+            from pipeline.runtimes.ncnn_writer import Unconvertible
+
+            files = convert_ncnn(base.descriptor, weights, cache_dir)
+            candidates["ncnn"] = NcnnEngine(base.descriptor, files, threads=threads)
+            converted["ncnn"] = {
+                "engine_version": candidates["ncnn"].version,
+                "converted_sha256": files.sha256,
+            }
+        except (ImportError, Unconvertible) as exc:
+            fallbacks["ncnn"] = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: ncnn engine unavailable, using torch: %s", params.get("model"), exc)
+        if engine == "ncnn":
+            if "ncnn" not in candidates:
+                return base, {
+                    **torch_params,
+                    "engine_requested": "ncnn",
+                    "engine_fallback": fallbacks["ncnn"],
+                }
+            return candidates["ncnn"], {**params, "engine": "ncnn", **converted["ncnn"]}
+        if sample is None:
+            raise StageError("engine auto: calibration needs a sample tile")
+        tile = sample(base.descriptor)
+        versions = {n: getattr(e, "version", torch.__version__) for n, e in candidates.items()}
+        decision_key = {
+            "weights": weights,
+            "tile": list(tile.shape),
+            "threads": threads,
+            "machine": machine(),
+            "engines": versions,
+            "memory_mb": memory_mb,
+        }
+        choice, measured, cached = calibrate(
+            candidates,
+            tile,
+            memory_mb=memory_mb,
+            decisions=cache_dir / "converted" / DECISIONS_NAME,
+            key=decision_key,
+        )
+        chosen_params = torch_params if choice == "torch" else {**params, "engine": choice}
+        calibration = {
+            "choice": choice,
+            "cached": cached,
+            "tile": list(tile.shape[:2]),
+            "threads": threads,
+            "measurements": [m.__dict__ for m in measured],
+            "unavailable": fallbacks,
+        }
+        return candidates[choice], {
+            **chosen_params,
+            **converted.get(choice, {}),
+            "engine_requested": "auto",
+            "engine_calibration": calibration,
+        }
+
+
+def _weights_key(params: dict[str, Any]) -> str:
+    """One hash for everything that fixes the network's weights (a blend has two files)."""
+    fixed = {k: v for k, v in params.items() if k.endswith("sha256") or k == "denoise_strength"}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
 
 def registered_loader(ctx: StageContext, ref: str, check: Callable[[Any, str], None]) -> Loader:

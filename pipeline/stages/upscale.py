@@ -16,7 +16,7 @@ from pipeline import resample
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult, check_tiling
-from pipeline.stages.engines import EngineCache, registered_loader
+from pipeline.stages.engines import DEFAULT_ENGINE_MEMORY_MB, EngineCache, registered_loader
 from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
 __all__ = ["UpscaleOptions", "UpscaleStage"]
@@ -35,6 +35,10 @@ class UpscaleOptions(StageOptions):
     batch: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     compile: bool = False
+    # torch, ncnn (fp32 CPU, falls back to torch with the reason when it cannot convert), or
+    # auto: the fastest engine agreeing with torch fp32 on this machine, measured once.
+    engine: Literal["auto", "torch", "ncnn"] = "auto"
+    engine_memory_mb: int = Field(DEFAULT_ENGINE_MEMORY_MB, ge=64)
     max_ram_output_mb: int = Field(256, ge=16)
 
     @model_validator(mode="after")
@@ -70,7 +74,7 @@ class UpscaleStage:
 
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
-        engine, model_params = self._engine(ctx)
+        engine, model_params = self._engine(ctx, image)
         rgb = image.channels == 1 and engine.in_channels == 3
         if image.channels == 3 and engine.in_channels == 1:
             raise StageError(f"upscale: model {opts.model} takes greyscale input only")
@@ -111,14 +115,38 @@ class UpscaleStage:
         }
         return StageResult(image=image.replace(pixels=pixels, alpha=alpha), params=params)
 
-    def _engine(self, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
-        """Load (once per device and precision) the model, or the interpolated pair."""
+    def _engine(self, ctx: StageContext, image: Image) -> tuple[Engine, dict[str, Any]]:
+        """Load (once per device, precision and engine) the model, or the interpolated pair;
+        `auto` calibrates on a tile of this image."""
         opts = self.options
         if opts.denoise_strength is None:
             load = registered_loader(ctx, opts.model, _require_sr)
         else:
             load = partial(self._load_interpolated, ctx)
-        return self._engines.get(opts.model, ctx, opts.precision, load, compile=opts.compile)
+        return self._engines.get(
+            opts.model,
+            ctx,
+            opts.precision,
+            load,
+            compile=opts.compile,
+            engine=opts.engine,
+            sample=lambda descriptor: self._sample(image, descriptor),
+            memory_mb=opts.engine_memory_mb,
+        )
+
+    def _sample(self, image: Image, descriptor: Any) -> np.ndarray:
+        """The calibration tile: one tile as run_tiled cuts it, from the middle of the image."""
+        opts = self.options
+        if image.channels == 3 and descriptor.input_channels == 1:
+            raise StageError(f"upscale: model {self.options.model} takes greyscale input only")
+        overlap = auto_overlap(descriptor) if opts.overlap == "auto" else opts.overlap
+        size = (opts.tile or 256) + overlap
+        height, width = image.height, image.width
+        top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+        crop = np.asarray(image.pixels[top : top + size, left : left + size], dtype=np.float32)
+        if crop.shape[2] == 1 and descriptor.input_channels == 3:
+            crop = np.repeat(crop, 3, axis=2)
+        return crop
 
     def _load_interpolated(
         self, ctx: StageContext, device: str, dtype: torch.dtype

@@ -1,0 +1,141 @@
+"""`engine = "auto"`: measure each available engine on a real tile against torch fp32, keep
+those that agree (>= 50 dB after 8-bit rounding) within a memory cap, pick the fastest, and
+remember the choice with its numbers per (model, tile, threads, machine, engine versions)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.files import write_atomically
+
+__all__ = ["DECISIONS_NAME", "MIN_AGREEMENT_DB", "Measurement", "calibrate", "machine", "psnr8"]
+
+MIN_AGREEMENT_DB = 50.0
+DECISIONS_NAME = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    engine: str
+    seconds: float  # one call on the calibration tile, after a warm-up call
+    peak_mb: float | None  # resident memory the call added at its peak (None: not measurable)
+    agreement_db: float | None  # vs torch fp32 after 8-bit rounding; None = identical
+    passed: bool
+    reason: str | None = None
+
+
+def psnr8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of two [0, 1] images after rounding both to 8 bits; inf when identical."""
+    qa = np.round(np.clip(a, 0, 1) * 255).astype(np.float64)
+    qb = np.round(np.clip(b, 0, 1) * 255).astype(np.float64)
+    mse = float(np.mean((qa - qb) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def machine() -> dict[str, Any]:
+    """What makes a measurement on this machine stale elsewhere."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "cpu": cpu, "cpus": os.cpu_count()}
+
+
+def _peak_mb(fn: Callable[[], Any]) -> tuple[Any, float | None]:
+    """Run `fn`, returning its result and the resident memory it added at its peak (Linux:
+    VmHWM, reset through /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        return fn(), None
+    result = fn()
+    return result, max(0.0, (_status_kb("VmHWM") - before) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _measure(name: str, engine: Any, tile: torch.Tensor) -> tuple[np.ndarray, float, float | None]:
+    output = engine.infer(tile).numpy()  # warm-up: lazy weight packing, kernel selection
+    start = time.perf_counter()
+    _, peak = _peak_mb(lambda: engine.infer(tile))
+    return output, time.perf_counter() - start, peak
+
+
+def calibrate(
+    engines: Mapping[str, Any],
+    tile: np.ndarray,
+    *,
+    memory_mb: float,
+    decisions: Path,
+    key: Mapping[str, Any],
+) -> tuple[str, list[Measurement], bool]:
+    """The fastest engine agreeing with torch on `tile` (H, W, C float32) within `memory_mb`.
+
+    `engines` must hold "torch", the fp32 reference. Returns (choice, measurements, cached):
+    a decision already recorded under `key` in the `decisions` file is reused as it is.
+    """
+    record_key = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()
+    recorded = _read(decisions).get(record_key)
+    if recorded is not None and recorded.get("choice") in engines:
+        return recorded["choice"], [Measurement(**m) for m in recorded["measurements"]], True
+    batch = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))[None]
+    reference, seconds, peak = _measure("torch", engines["torch"], batch)
+    results = [_judge("torch", seconds, peak, None, memory_mb)]
+    for name, engine in engines.items():
+        if name == "torch":
+            continue
+        output, seconds, peak = _measure(name, engine, batch)
+        db = psnr8(output, reference)
+        results.append(_judge(name, seconds, peak, None if math.isinf(db) else db, memory_mb))
+    passing = [m for m in results if m.passed] or [results[0]]
+    choice = min(passing, key=lambda m: m.seconds).engine
+    data = _read(decisions)
+    data[record_key] = {
+        "key": dict(key),
+        "choice": choice,
+        "measurements": [asdict(m) for m in results],
+    }
+    decisions.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(decisions, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    return choice, results, False
+
+
+def _judge(
+    name: str, seconds: float, peak: float | None, db: float | None, memory_mb: float
+) -> Measurement:
+    reason = None
+    if db is not None and db < MIN_AGREEMENT_DB:
+        reason = f"agrees with torch fp32 at {db:.1f} dB < {MIN_AGREEMENT_DB:.0f} dB"
+    elif peak is not None and peak > memory_mb:
+        reason = f"peak {peak:.0f} MB over the {memory_mb:.0f} MB cap"
+    return Measurement(name, round(seconds, 4), peak, db, reason is None, reason)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

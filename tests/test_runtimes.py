@@ -1,0 +1,162 @@
+"""Inference engines: the ncnn writer agrees with torch for every registered upscale
+architecture, converted models are cached and hash-checked, `auto` calibrates, picks, caches and
+records its choice, and a model the writer cannot convert falls back to torch with the reason."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import shared_file
+from modelfactory import tiny_compact, tiny_dncnn, tiny_rrdbnet
+
+from pipeline.errors import HashMismatchError
+from pipeline.image import Image, Metadata
+from pipeline.models import ModelStore
+from pipeline.models.registry import REGISTRY
+from pipeline.runtimes import MIN_AGREEMENT_DB, psnr8
+from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
+from pipeline.runtimes.ncnn_writer import Unconvertible
+from pipeline.stage import StageContext
+from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
+from pipeline.tiling import Engine
+
+pytest.importorskip("ncnn")
+
+BUILDERS = {"ESRGAN": tiny_rrdbnet, "Compact": tiny_compact}
+# RRDBNet below x4 pixel-unshuffles its input (reflect-padded first): not written yet.
+UNCONVERTIBLE = {("ESRGAN", 2)}
+
+
+def _descriptor(path):
+    import spandrel
+
+    state = torch.load(path, weights_only=True)
+    return spandrel.ModelLoader("cpu").load_from_state_dict(state).eval()
+
+
+def _photo(height: int, width: int) -> np.ndarray:
+    bgr = cv2.imread(str(shared_file("corpus/old_photos/historic/bop_old_a.png")))
+    top, left = (bgr.shape[0] - height) // 2, (bgr.shape[1] - width) // 2
+    crop = bgr[top : top + height, left : left + width, ::-1]
+    return np.ascontiguousarray(crop, dtype=np.float32) / 255.0
+
+
+def _image(pixels: np.ndarray) -> Image:
+    return Image(pixels=pixels, alpha=None, bit_depth=8, format="png", metadata=Metadata())
+
+
+@pytest.fixture
+def ctx(tmp_path) -> StageContext:
+    return StageContext(models=ModelStore(tmp_path / "cache"), device="cpu", precision="fp32")
+
+
+def _registered_upscalers() -> list[tuple[str, int]]:
+    found = sorted({(s.architecture, s.scale) for s in REGISTRY.values() if s.purpose == "upscale"})
+    assert found, "the registry lists no upscale models"
+    return found
+
+
+@pytest.mark.parametrize(("architecture", "scale"), _registered_upscalers())
+def test_ncnn_conversion_of_every_registered_upscaler_agrees_with_torch(
+    tmp_path, architecture, scale
+):
+    descriptor = _descriptor(BUILDERS[architecture](tmp_path / "m.pth", scale=scale))
+    if (architecture, scale) in UNCONVERTIBLE:
+        with pytest.raises(Unconvertible):
+            convert_ncnn(descriptor, "0" * 64, tmp_path / "cache")
+        return
+    files = convert_ncnn(descriptor, "0" * 64, tmp_path / "cache")
+    batch = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(1))
+    expected = Engine(descriptor, device="cpu", precision="fp32").infer(batch).numpy()
+    actual = NcnnEngine(descriptor, files, threads=1).infer(batch).numpy()
+    assert actual.shape == expected.shape == (1, 3, 24 * scale, 32 * scale)
+    assert np.abs(actual - expected).max() < 1e-4
+    assert psnr8(actual, expected) >= MIN_AGREEMENT_DB
+
+
+def test_a_model_spandrel_calls_with_extra_inputs_is_not_converted(tmp_path):
+    # spandrel calls DnCNN through its own function (a noise map for the FDnCNN variants):
+    # writing only the module would run a different computation.
+    descriptor = _descriptor(tiny_dncnn(tmp_path / "dncnn.pth"))
+    with pytest.raises(Unconvertible, match="not called as image -> image"):
+        convert_ncnn(descriptor, "1" * 64, tmp_path / "cache")
+
+
+def test_converted_model_is_reused_from_the_cache_and_refused_when_tampered(tmp_path):
+    descriptor = _descriptor(tiny_compact(tmp_path / "m.pth"))
+    first = convert_ncnn(descriptor, "2" * 64, tmp_path / "cache")
+    again = convert_ncnn(descriptor, "2" * 64, tmp_path / "cache")
+    assert first.converted and not again.converted
+    assert again.sha256 == first.sha256 and again.folder == first.folder
+    weights = first.folder / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HashMismatchError, match=r"model\.bin"):
+        convert_ncnn(descriptor, "2" * 64, tmp_path / "cache")
+
+
+def test_unconvertible_model_falls_back_to_torch_with_the_reason(tmp_path, ctx):
+    model = tiny_rrdbnet(tmp_path / "x2.pth", scale=2)
+    pixels = np.random.default_rng(0).random((24, 32, 3), dtype=np.float32)
+    options = {"model": str(model), "scale": 2, "tile": 0}
+    ncnn = UpscaleStage(UpscaleOptions(engine="ncnn", **options)).run(_image(pixels), ctx)
+    plain = UpscaleStage(UpscaleOptions(engine="torch", **options)).run(_image(pixels), ctx)
+    assert ncnn.params["engine"] == "torch"
+    assert ncnn.params["engine_requested"] == "ncnn"
+    assert "Unconvertible" in ncnn.params["engine_fallback"]
+    np.testing.assert_array_equal(ncnn.image.pixels, plain.image.pixels)
+
+
+def test_auto_calibrates_picks_caches_and_records_its_choice(tmp_path, ctx):
+    model = tiny_compact(tmp_path / "m.pth", num_feat=16, num_conv=4)
+    pixels = np.random.default_rng(1).random((48, 64, 3), dtype=np.float32)
+    options = UpscaleOptions(model=str(model), tile=32, overlap=8, engine="auto")
+    first = UpscaleStage(options).run(_image(pixels), ctx)
+    params = json.loads(json.dumps(first.params))
+    calibration = params["engine_calibration"]
+    measured = {m["engine"]: m for m in calibration["measurements"]}
+    assert set(measured) == {"torch", "ncnn"}
+    assert all(m["seconds"] > 0 and m["passed"] for m in measured.values())
+    fastest = min(measured.values(), key=lambda m: m["seconds"])["engine"]
+    assert params["engine"] == calibration["choice"] == fastest
+    assert calibration["cached"] is False
+    if fastest == "ncnn":
+        assert set(params["converted_sha256"]) == {"model.param", "model.bin"}
+    # A new stage (a new worker) reuses the recorded decision instead of measuring again.
+    second = UpscaleStage(options).run(_image(pixels), ctx)
+    assert second.params["engine_calibration"]["cached"] is True
+    assert second.params["engine"] == fastest
+    assert second.params["engine_calibration"]["measurements"] == calibration["measurements"]
+
+
+def test_auto_rejects_an_engine_over_the_memory_cap(tmp_path, ctx):
+    model = tiny_compact(tmp_path / "m.pth")
+    pixels = np.random.default_rng(2).random((40, 40, 3), dtype=np.float32)
+    options = UpscaleOptions(model=str(model), tile=32, overlap=8, engine_memory_mb=64)
+    # 64 MB is the smallest cap allowed; a tile this small adds far less, so both pass ...
+    params = UpscaleStage(options).run(_image(pixels), ctx).params["engine_calibration"]
+    assert all(m["passed"] for m in params["measurements"])
+    from pipeline.runtimes.calibration import Measurement, _judge
+
+    # ... and a measurement over the cap is judged out with the reason.
+    judged = _judge("ncnn", 0.1, 3000.0, None, 2048)
+    assert judged == Measurement("ncnn", 0.1, 3000.0, None, False, judged.reason)
+    assert "3000 MB over the 2048 MB cap" in judged.reason
+
+
+def test_ncnn_tiled_output_on_a_real_photo_agrees_with_whole_image_torch(ctx):
+    weights = shared_file("weights/realesr-general-x4v3.from-ncnn.pth")
+    pixels = _photo(96, 128)
+    options = {"model": str(weights), "tile": 64}
+    tiled = UpscaleStage(UpscaleOptions(engine="ncnn", **options)).run(_image(pixels), ctx)
+    whole = UpscaleStage(UpscaleOptions(engine="torch", model=str(weights), tile=0))
+    reference = whole.run(_image(pixels), ctx)
+    assert tiled.params["engine"] == "ncnn"
+    db = psnr8(np.asarray(tiled.image.pixels), np.asarray(reference.image.pixels))
+    assert math.isinf(db) or db >= MIN_AGREEMENT_DB, db
