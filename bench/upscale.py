@@ -1,10 +1,12 @@
 """CPU upscale benchmark: our tiled engine beside upstream Real-ESRGAN, measured in one run.
 
-    python bench/upscale.py [--quick] [--bf16] [--compile] [--threads 2] [--reps 1]
-        [--models x4plus,general-x4v3] [--rss-sizes 1,4,16] [--out bench/results/upscale.json]
+    python bench/upscale.py [--quick] [--bf16] [--compile] [--engines torch,ncnn] [--threads 2]
+        [--reps 1] [--models x4plus,general-x4v3] [--rss-sizes 1,4,16]
+        [--out bench/results/upscale.json]
 
-1. Throughput (s and MP/s per input megapixel) per model, tile size and precision, for
-   pipeline.tiling and for upstream's RealESRGANer (_reference.py), on the same real photos.
+1. Throughput (s and MP/s per input megapixel) per model, tile size, engine and precision, for
+   pipeline.tiling (torch, and ncnn with its conversion time) and for upstream's RealESRGANer
+   (_reference.py), on the same real photos.
 2. Agreement: PSNR after 8-bit rounding of every tiled output against our fp32 whole-image one.
 3. Peak RSS and seconds of decode -> upscale x4 -> 16-bit TIFF, one fresh process per size.
 
@@ -104,6 +106,7 @@ class Row:
     # Per photo, vs our fp32 whole-image output (None: identical; empty: this is that output).
     psnr_db: dict[str, float | None]
     compiled: bool = False
+    engine: str = "torch"  # pipeline.runtimes: torch or ncnn
     s_per_mp: float = field(init=False)
     mp_per_s: float = field(init=False)
     speedup_vs_upstream: float | None = None
@@ -123,6 +126,7 @@ class Bench:
     bf16: bool
     compile: bool
     upstream: _reference.Upstream | None
+    engines: tuple[str, ...] = ("torch",)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -197,6 +201,7 @@ def measure_ours(
         warmup_s=warmup,
         psnr_db=_psnrs(outputs, references) if references else {},
         compiled=engine.compiled,
+        engine=getattr(engine, "name", "torch"),
     )
     return row, outputs
 
@@ -263,6 +268,17 @@ def extra_engines(bench: Bench, case: Case, descriptor: Any) -> list[Engine]:
     return engines
 
 
+def ncnn_engine(bench: Bench, case: Case, descriptor: Any, info: dict[str, Any]) -> Any:
+    """The ncnn engine for the case, its conversion timed (into a fresh cache: a cold start)."""
+    from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
+
+    started = time.perf_counter()
+    converted = convert_ncnn(descriptor, case.name, bench.workdir / "converted" / case.name)
+    info["ncnn_conversion_s"] = round(time.perf_counter() - started, 3)
+    info["ncnn_sha256"] = converted.sha256
+    return NcnnEngine(descriptor, converted, threads=torch.get_num_threads())
+
+
 def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
     """Every method at every tile size for one model, methods interleaved per tile size so
     that each ratio compares measurements taken moments apart."""
@@ -271,7 +287,10 @@ def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
     fp32 = Engine(descriptor, device="cpu", precision="fp32")
     whole, refs = measure_ours(fp32, images, 0, bench.reps)
     rows = [_logged(case, whole)]
-    engines = [fp32, *extra_engines(bench, case, descriptor)]
+    engines = [fp32, *extra_engines(bench, case, descriptor)] if "torch" in bench.engines else []
+    info: dict[str, Any] = {}
+    if "ncnn" in bench.engines:
+        engines.append(ncnn_engine(bench, case, descriptor, info))
     for tile in case.tiles:
         measures = [
             lambda e=e, t=tile: measure_ours(e, images, t, bench.reps, refs)[0] for e in engines
@@ -279,7 +298,7 @@ def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
         if bench.upstream is not None:
             measures.append(lambda t=tile: measure_upstream(bench, case, images, t, refs))
         rows += [_guarded(bench, case, tile, measure) for measure in measures]
-    info = {
+    info |= {
         "architecture": descriptor.architecture.id,
         "weights": str(case.weights),
         "auto_precision_cpu": resolve_precision("auto", "cpu", descriptor),
@@ -305,7 +324,8 @@ def _guarded(bench: Bench, case: Case, tile: int, measure: Callable[[], Row]) ->
 def _logged(case: Case, row: Row) -> Row:
     row.model = case.name
     log(
-        f"{case.name} {row.method} {row.precision}{' compiled' if row.compiled else ''} "
+        f"{case.name} {row.method} {row.engine} {row.precision}"
+        f"{' compiled' if row.compiled else ''} "
         f"tile {row.tile or 'whole'}: {row.s_per_mp:.2f} s/MP"
     )
     return row
@@ -503,16 +523,16 @@ def _loadavg() -> list[float]:
 
 def throughput_table(rows: list[Row]) -> str:
     head = (
-        f"{'model':<13}{'method':<9}{'prec':<14}{'tile':>6}  {'context':<12}{'tiles':>6}"
+        f"{'model':<13}{'method':<9}{'engine':<20}{'tile':>6}  {'context':<12}{'tiles':>6}"
         f"{'s/MP':>9}{'MP/s':>9}{'vs upstream':>13}{'PSNR dB (min)':>15}{'warm-up s':>11}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
         worst = _worst_psnr(row.psnr_db)
         speedup = f"{row.speedup_vs_upstream:.2f}x" if row.speedup_vs_upstream else "-"
-        precision = row.precision + (" compiled" if row.compiled else "")
+        precision = f"{row.engine} {row.precision}" + (" compiled" if row.compiled else "")
         lines.append(
-            f"{row.model:<13}{row.method:<9}{precision:<14}{row.tile or 'whole':>6}  "
+            f"{row.model:<13}{row.method:<9}{precision:<20}{row.tile or 'whole':>6}  "
             f"{row.context:<12}{row.tiles:>6}{row.s_per_mp:>9.2f}{row.mp_per_s:>9.4f}"
             f"{speedup:>13}{worst:>15}{row.warmup_s:>11.2f}"
         )
@@ -561,6 +581,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=1, help="timed passes; the fastest counts")
     parser.add_argument("--bf16", action="store_true", help="measure bf16 even where emulated")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--engines", default="torch,ncnn", help="engines beside upstream")
     parser.add_argument("--rss-sizes", help="input megapixels, e.g. 1,4,16 ('' to skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     # Internal: the fresh process that bench_rss starts for each size.
@@ -613,6 +634,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], list[R
         bf16=args.bf16,
         compile=args.compile,
         upstream=upstream,
+        engines=tuple(name.strip() for name in args.engines.split(",") if name.strip()),
     )
     rows: list[Row] = []
     report["models"] = {}

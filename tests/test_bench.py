@@ -274,3 +274,19 @@ def test_quality_exits_2_naming_the_folder_where_shared_is_absent(tmp_path, monk
     assert quality.main(["--quick", "--out", str(out)]) == 2
     assert f"{missing} is absent" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_gpu_bench_dry_run_checks_every_step_on_the_cpu(tmp_path, capsys):
+    shared_file("corpus/old_photos/historic/bop_old_b.png")
+    gpu = _load("bench_gpu", REPO / "bench" / "gpu.py")
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--dry-run", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["gpu"].startswith("none") and report["broken_outputs"] == 0
+    for name in ("x4plus", "general-x4v3"):
+        rows = report["models"][name]["rows"]
+        assert {(r["tile"], r["batch"]) for r in rows} == {(0, 1), (32, 1), (32, 4)}
+        assert all(r["s_per_mp"] > 0 for r in rows)
+        assert report["models"][name]["auto_precision"] == "fp32"  # the CPU never runs fp16
+    assert report["oom"]["tile_used"] == 32 < report["oom"]["asked_tile"]
+    assert "out of memory" in capsys.readouterr().out

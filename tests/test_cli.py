@@ -187,6 +187,21 @@ def test_models_import_list_and_verify(tmp_path, capsys, tiny_x4, cache):
     assert result["status"] == "mismatch" and result["expected_sha256"] == sha256_file(tiny_x4)
 
 
+def test_models_bench_measures_the_engines_once_and_shows_what_auto_picks(capsys, tiny_x4, cache):
+    photo = shared_file("corpus/sr_benchmark/Set5/LR_bicubic_X4/babyx4.png")
+    argv = ["models", "bench", str(tiny_x4), "--image", str(photo), "--tile", "48"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cached"] is False and report["tile"] == [72, 72]  # tile + the auto overlap
+    engines = {m["engine"]: m for m in report["measurements"]}
+    assert set(engines) == {"torch", "ncnn"}
+    assert report["choice"] == min(engines.values(), key=lambda m: m["seconds"])["engine"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "(recorded earlier)" in table and f"auto picks: {report['choice']}" in table
+    assert table.count(" ok") == 2
+
+
 def test_models_fetch_failure_is_reported_not_raised(tmp_path, capsys, cache):
     assert main(["models", "fetch", "no-such-model"]) == 1
     assert "no-such-model" in capsys.readouterr().err

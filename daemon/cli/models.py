@@ -1,4 +1,5 @@
-"""`scanrestore models`: list, fetch, import and verify model weights."""
+"""`scanrestore models`: list, fetch, import and verify model weights; bench the inference
+engines on this machine."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     verify = actions.add_parser("verify", help="re-hash every cached model")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=_models_verify)
+    bench = actions.add_parser(
+        "bench", help="time each inference engine on a tile of an image; show what auto picks"
+    )
+    bench.add_argument("model", metavar="ID", help="an upscale model id or weights path")
+    bench.add_argument("--image", type=Path, required=True, help="a real photo to take a tile of")
+    bench.add_argument("--tile", type=int, default=256)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(handler=_models_bench)
 
 
 def _models_list(args: argparse.Namespace, config: Config) -> int:
@@ -100,3 +109,37 @@ def _models_verify(args: argparse.Namespace, config: Config) -> int:
             )
             print(f"{r.status:<8} {r.spec.id} {r.path}{detail}")
     return EXIT_OK if not bad else EXIT_FAILED
+
+
+def _models_bench(args: argparse.Namespace, config: Config) -> int:
+    """The calibration `engine = "auto"` runs (or ran: decisions are cached per machine)."""
+    from pipeline.image import decode
+    from pipeline.models import TrustedModels
+    from pipeline.stage import StageContext
+    from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
+
+    stage = UpscaleStage(UpscaleOptions(model=args.model, tile=args.tile, engine="auto"))
+    ctx = StageContext(models=TrustedModels(model_store(config)), device="cpu", precision="fp32")
+    _, params = stage.engine_for(decode(args.image), ctx)
+    calibration = params["engine_calibration"]
+    if args.json:
+        print(json.dumps({"model": params["model"], **calibration}, indent=2))
+        return EXIT_OK
+    rows = calibration["measurements"]
+    torch_s = next(m["seconds"] for m in rows if m["engine"] == "torch")
+    tile = "x".join(map(str, calibration["tile"]))
+    when = "recorded earlier" if calibration["cached"] else "measured now"
+    print(f"{params['model']}: tile {tile}, {calibration['threads']} threads ({when})")
+    print(f"{'engine':<8}{'s/tile':>9}{'vs torch':>10}{'peak MB':>9}{'agreement':>12}  verdict")
+    for m in rows:
+        db = "identical" if m["agreement_db"] is None else f"{m['agreement_db']:.1f} dB"
+        peak = "-" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}"
+        verdict = "ok" if m["passed"] else m["reason"]
+        print(
+            f"{m['engine']:<8}{m['seconds']:>9.3f}{torch_s / m['seconds']:>9.2f}x{peak:>9}"
+            f"{db:>12}  {verdict}"
+        )
+    for name, reason in calibration["unavailable"].items():
+        print(f"{name:<8} unavailable: {reason}")
+    print(f"auto picks: {calibration['choice']}")
+    return EXIT_OK

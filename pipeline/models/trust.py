@@ -82,6 +82,11 @@ class TrustedModels:
         return trusted
 
     @property
+    def cache_dir(self) -> Path:
+        """The store's cache folder (converted models and engine calibrations live there)."""
+        return self.store.cache_dir
+
+    @property
     def expected(self) -> dict[str, str]:
         """Every ref bound so far -> its SHA-256: what a recipe records and a worker is given."""
         return dict(self._expected)

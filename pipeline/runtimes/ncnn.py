@@ -54,6 +54,7 @@ class NcnnEngine:
     """Duck-types pipeline.tiling.Engine for run_tiled: `infer` on NCHW float32 batches."""
 
     name = "ncnn"
+    compiled = False
 
     def __init__(self, descriptor: Any, converted: ConvertedModel, *, threads: int) -> None:
         import ncnn

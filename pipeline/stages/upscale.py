@@ -74,7 +74,7 @@ class UpscaleStage:
 
     def run(self, image: Image, ctx: StageContext) -> StageResult:
         opts = self.options
-        engine, model_params = self._engine(ctx, image)
+        engine, model_params = self.engine_for(image, ctx)
         rgb = image.channels == 1 and engine.in_channels == 3
         if image.channels == 3 and engine.in_channels == 1:
             raise StageError(f"upscale: model {opts.model} takes greyscale input only")
@@ -115,9 +115,9 @@ class UpscaleStage:
         }
         return StageResult(image=image.replace(pixels=pixels, alpha=alpha), params=params)
 
-    def _engine(self, ctx: StageContext, image: Image) -> tuple[Engine, dict[str, Any]]:
+    def engine_for(self, image: Image, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
         """Load (once per device, precision and engine) the model, or the interpolated pair;
-        `auto` calibrates on a tile of this image."""
+        `auto` calibrates on a tile of this image (`scanrestore models bench` shows it)."""
         opts = self.options
         if opts.denoise_strength is None:
             load = registered_loader(ctx, opts.model, _require_sr)
