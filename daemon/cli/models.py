@@ -133,6 +133,7 @@ def _models_bench(args: argparse.Namespace, config: Config) -> int:
     print(f"{'engine':<8}{'s/tile':>9}{'vs torch':>10}{'peak MB':>9}{'agreement':>12}  verdict")
     for m in rows:
         db = "identical" if m["agreement_db"] is None else f"{m['agreement_db']:.1f} dB"
+        db = "reference" if m["engine"] == "torch" else db
         peak = "-" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}"
         verdict = "ok" if m["passed"] else m["reason"]
         print(
