@@ -218,6 +218,34 @@ class WebConfig(_Section):
     def _token(cls, value: str) -> str:
         if value and len(value) < 16:
             raise ValueError("must be at least 16 characters (or empty)")
+
+
+class ClusterConfig(_Section):
+    """Several machines (daemon.cluster): the coordinator's broker and a worker's view of the
+    shared folders. `broker = ""` keeps local worker processes."""
+
+    broker: str = ""
+    path_map: dict[str, str] = {}
+    name: str = ""
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    worker_timeout: float = Field(60.0, gt=0)
+    pickup_seconds: float = Field(120.0, gt=0)
+    visibility_timeout: float = Field(3600.0, gt=0)
+    prefix: str = Field("scanrestore", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        if value and not re.match(r"(redis|rediss|unix)://", value):
+            raise ValueError('must be "" (local workers) or a Redis URL, e.g. redis://HOST:6379/0')
+        return value
+
+    @field_validator("path_map")
+    @classmethod
+    def _path_map(cls, value: dict[str, str]) -> dict[str, str]:
+        for source, target in value.items():
+            if not (source.startswith("/") and target.startswith("/")):
+                raise ValueError(f"{source!r} -> {target!r}: both prefixes must be absolute paths")
         return value
 
 
@@ -231,6 +259,7 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
     web: WebConfig = WebConfig()
+    cluster: ClusterConfig = ClusterConfig()
     presets: dict[str, tuple[dict[str, Any], ...]] = {}
 
     def presets_all(self) -> dict[str, tuple[dict[str, Any], ...]]:

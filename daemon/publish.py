@@ -201,7 +201,8 @@ class Plan:
     JSON form (canonical: sorted keys, no spaces), the column `jobs.publishing`:
     {"device": str | null, "files": [{"bytes": int, "final": str, "kind": str,
     "relative": str, "sha256": str, "suffix": str, "temp": str, "version": int}, ...],
-    "run_token": str, "stages": [StageRecord.as_dict() ...], "started_at": ISO-8601}
+    "run_token": str, "stages": [StageRecord.as_dict() ...], "started_at": ISO-8601,
+    "worker": str | null (absent in plans recorded before it existed)}
     """
 
     run_token: str  # the RunId written into the files
@@ -209,6 +210,7 @@ class Plan:
     device: str | None
     stages: tuple[Mapping[str, Any], ...]
     files: tuple[PlannedFile, ...]
+    worker: str | None = None
 
     @property
     def version(self) -> int:
@@ -222,6 +224,7 @@ class Plan:
                 "device": self.device,
                 "stages": list(self.stages),
                 "files": [item.to_json() for item in self.files],
+                "worker": self.worker,
             }
         )
 
@@ -234,6 +237,7 @@ class Plan:
             device=data["device"],
             stages=tuple(data["stages"]),
             files=tuple(PlannedFile.from_json(item) for item in data["files"]),
+            worker=data.get("worker"),
         )
 
     def outputs(self) -> tuple[OutputFile, ...]:
@@ -363,6 +367,7 @@ class Finished:
     stages: tuple[Mapping[str, Any], ...]
     device: str | None
     credentials: str | None = None  # C2PA: "c2pa", or why the image is unsigned; None: off
+    worker: str | None = None  # the process that made the files ("HOST:PID" or a cluster ident)
 
 
 class Publisher:
@@ -400,6 +405,7 @@ class Publisher:
                 run.device,
                 run.stages,
                 plan_files(written, run.dest_dir, relative_dir, run.stem, version),
+                run.worker,
             )
             self.queue.record_plan(run.job, plan.to_json())
             link_all(plan.files)
@@ -434,6 +440,7 @@ class Publisher:
                 finished_at=self._clock(),
                 code_version=self.code_version,
                 device=plan.device,
+                worker=plan.worker,
                 job_id=job.id,
                 run_token=plan.run_token,
                 stages=plan.stages,
@@ -468,6 +475,7 @@ class Publisher:
             ],
             "stages": list(run.stages),
             "device": run.device,
+            "worker": run.worker,
             "started_at": run.started_at.isoformat(),
             "code_version": self.code_version,
             # Curators' decisions on the earlier versions of this source, oldest first.

@@ -28,7 +28,7 @@ from daemon.session import Session
 from daemon.store import Store, open_database, utc_now
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
 from daemon.web.server import WebServer
-from daemon.worker import WorkerPool, WorkerSettings
+from daemon.worker import WorkerPool, Workers, WorkerSettings
 from pipeline.chain import Chain
 from pipeline.errors import HashMismatchError
 from pipeline.models import TrustedModels
@@ -166,7 +166,7 @@ class Daemon:
             device=self.config.processing.device,
             threads=self.config.processing.threads,
         )
-        pool = WorkerPool(settings, cfg.workers)
+        pool = self._workers(store, settings, recipe, recipe_sha256)
         watcher = self._watcher(seen_versions(store, queue, recipe_sha256))
         schedules = self._schedules(watcher)
         session = Session(
@@ -233,6 +233,35 @@ class Daemon:
             return start_child(self.config)
         except TokenRequiredError as exc:
             raise DaemonError(str(exc)) from None
+
+    def _workers(
+        self, store: Store, settings: WorkerSettings, recipe: dict, recipe_sha256: str
+    ) -> Workers:
+        """Local worker processes, or with `[cluster] broker` the workers on other machines."""
+        if not self.config.cluster.broker:
+            return WorkerPool(settings, self.config.daemon.workers)
+        from daemon.cluster.dispatch import Dispatcher, Recipe
+        from daemon.cluster.registry import WorkerRegistry
+
+        image = self.config.image
+        return Dispatcher(
+            self.config.cluster,
+            Recipe(
+                sha256=recipe_sha256,
+                models=dict(recipe["models"]),
+                stages=self.config.stages(self.preset),
+                precision=self.config.processing.precision,
+                seed=self.config.processing.seed,
+                output={
+                    "format": image.output_format,
+                    "quality": image.quality,
+                    "max_pixels": image.max_pixels,
+                },
+            ),
+            input_root=self.input,
+            output_root=self.output,
+            registry=WorkerRegistry(store),
+        )
 
     def _check_folders(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from daemon.schedule import ActiveHours
 from daemon.store import Store
 from daemon.store.provenance import RunStatus
 from daemon.watcher import safe_name
-from daemon.worker import Outcome, Task, WorkerDied, WorkerPool
+from daemon.worker import Outcome, Returned, Task, WorkerDied, Workers
 from pipeline.files import sha256_file
 
 __all__ = ["Session"]
@@ -57,7 +57,7 @@ class Session:
         *,
         store: Store,
         queue: JobQueue,
-        pool: WorkerPool,
+        pool: Workers,
         publisher: Publisher,
         recipe_sha256: str,
         input_root: Path,
@@ -182,20 +182,27 @@ class Session:
 
     # ------------------------------------------------------------------ results
 
-    def _finish(self, event: Outcome | WorkerDied) -> None:
+    def _finish(self, event: Outcome | WorkerDied | Returned) -> None:
         running = self._running.pop(event.task.job_id, None)
         progress_path(self.state, event.task.job_id).unlink(missing_ok=True)
-        if running is None:
+        if running is None or running.task.run_token != event.task.run_token:
+            if running is not None:
+                self._running[running.job.id] = running
             if isinstance(event, Outcome):
                 remove_written(event.files)
             return
         job, task = running.job, running.task
-        if isinstance(event, WorkerDied):
+        if isinstance(event, Returned):
             remove_stem_temps(Path(task.dest_dir), task.stem)
-            reason = f"worker died (exit code {event.exitcode}) while processing {job.path}"
+            log.warning("returned path=%s reason=%s", safe_name(job.path), _one_line(event.reason))
+            self.queue.release(job)
+        elif isinstance(event, WorkerDied):
+            remove_stem_temps(Path(task.dest_dir), task.stem)
+            reason = event.reason or f"worker died (exit code {event.exitcode})"
+            reason = f"{reason} while processing {job.path}"
             log.error("worker_died path=%s exit=%s", safe_name(job.path), event.exitcode)
             self._record(running, "died", error=reason)
-            self.queue.worker_died(job, reason)
+            self.queue.worker_died(job, reason, backoff=event.backoff)
             self.failures += 1
         elif event.status == "ok":
             self._publish(running, event)
@@ -234,6 +241,7 @@ class Session:
             finished_at=self._clock(),
             code_version=self.publisher.code_version,
             device=outcome.device if outcome else None,
+            worker=outcome.worker if outcome else None,
             error=error,
             job_id=job.id,
             run_token=running.task.run_token,
@@ -256,6 +264,7 @@ class Session:
             stages=tuple(outcome.stages),
             device=outcome.device,
             credentials=outcome.credentials,
+            worker=outcome.worker,
         )
         try:
             plan = self.publisher.publish(finished)

@@ -8,12 +8,13 @@ import logging
 import multiprocessing
 import os
 import pickle
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from daemon import worker_entry
 from daemon.logs import log_to_stderr
@@ -22,7 +23,16 @@ from daemon.progress import ProgressWriter
 from daemon.publish import WrittenFile, remove_written
 from pipeline.files import sha256_file
 
-__all__ = ["Outcome", "Task", "WorkerDied", "WorkerPool", "WorkerSettings"]
+__all__ = [
+    "Outcome",
+    "Returned",
+    "Runner",
+    "Task",
+    "WorkerDied",
+    "WorkerPool",
+    "WorkerSettings",
+    "Workers",
+]
 
 log = logging.getLogger("scanrestore.worker")
 
@@ -67,17 +77,42 @@ class Outcome:
     seconds: float = 0.0
     device: str | None = None
     credentials: str | None = None  # "c2pa", or why the image went unsigned; None: signing off
+    worker: str | None = None  # which process made it ("HOST:PID", or a cluster worker's ident)
 
 
 @dataclass(frozen=True)
 class WorkerDied:
-    """A child exited while it held `task` (killed, crashed in native code, out of memory)."""
+    """A worker exited or vanished while it held `task` (killed, crashed in native code, out of
+    memory, a remote worker's heartbeats stopped). `reason` says so in words where the exit
+    code cannot; `backoff` False queues the job again at once (its lease already waited)."""
 
     task: Task
     exitcode: int | None
+    reason: str | None = None
+    backoff: bool = True
+
+
+@dataclass(frozen=True)
+class Returned:
+    """`task` comes back unprocessed through no fault of the file (a remote worker refused its
+    recipe or was stopped, a dispatch was never taken): queued again at once, no failure."""
+
+    task: Task
+    reason: str
 
 
 # ------------------------------------------------------------------------------ parent side
+
+
+class Workers(Protocol):
+    """What the daemon's session dispatches to: local worker processes (WorkerPool) or, with a
+    broker configured, workers on other machines (daemon.cluster.dispatch.Dispatcher)."""
+
+    def idle(self) -> int: ...
+    def submit(self, task: Task) -> None: ...
+    def poll(self, timeout: float) -> list[Outcome | WorkerDied | Returned]: ...
+    def drain(self, timeout: float) -> list[Outcome | WorkerDied | Returned]: ...
+    def stop(self, timeout: float) -> list[Task]: ...
 
 
 class _Slot:
@@ -207,7 +242,7 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
     # file, tifffile's complaints, Pillow's warnings) would reach stderr bare and raw.
     log_to_stderr(settings.log_level)
     logging.captureWarnings(True)
-    runner = _Runner(settings)
+    runner = Runner(settings)
     while True:
         try:
             task = conn.recv()
@@ -218,7 +253,10 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
         conn.send(runner.run(task))
 
 
-class _Runner:
+class Runner:
+    """Runs tasks with one chain and one set of trusted models, built once: the same code in a
+    local worker process and in a cluster worker."""
+
     def __init__(self, settings: WorkerSettings) -> None:
         from daemon.config import Config, model_store
         from pipeline.models import TrustedModels
@@ -234,6 +272,7 @@ class _Runner:
         # Bound to the hashes the daemon took at start: no file is hashed again per task, and
         # a weights file replaced since then fails as it loads (its bytes no longer match).
         self.models = TrustedModels(model_store(config), settings.models)
+        self.ident = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, task: Task) -> Outcome:
         started = time.perf_counter()
@@ -292,6 +331,7 @@ class _Runner:
             seconds=time.perf_counter() - started,
             device=made.device,
             credentials=made.credentials,
+            worker=self.ident,
         )
 
 

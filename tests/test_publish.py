@@ -123,7 +123,7 @@ def test_a_plan_round_trips_through_its_json_form(tmp_path):
     text = plan.to_json()
     assert Plan.from_json(text) == plan
     data = json.loads(text)
-    assert set(data) == {"run_token", "started_at", "device", "stages", "files"}
+    assert set(data) == {"run_token", "started_at", "device", "stages", "files", "worker"}
     assert set(data["files"][0]) == {
         "kind", "temp", "suffix", "sha256", "bytes", "final", "relative", "version",
     }  # fmt: skip

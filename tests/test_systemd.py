@@ -22,6 +22,7 @@ from daemon.systemd import EXIT_CONFIG, Watchdog
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "scanrestore.service"
+WORKER_UNIT = REPO / "systemd" / "scanrestore-worker.service"  # a cluster worker (daemon.cluster)
 MAX_EXPOSURE = 3.0
 
 
@@ -330,34 +331,42 @@ def analyze() -> str:
     return path
 
 
-def test_security_exposure_is_at_most_3(analyze: str) -> None:
+@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT], ids=lambda unit: unit.name)
+def test_security_exposure_is_at_most_3(analyze: str, unit: Path) -> None:
     result = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    match = re.search(r"Overall exposure level for scanrestore\.service: (\d+\.\d+)", result.stdout)
+    match = re.search(
+        rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)", result.stdout
+    )
     assert match, f"no exposure level in:\n{result.stdout}\n{result.stderr}"
     exposures = [line for line in result.stdout.splitlines() if line.startswith("✗")]
     assert float(match[1]) <= MAX_EXPOSURE, "\n".join(exposures)
 
 
-def test_verify_finds_nothing_but_the_missing_binary(analyze: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT], ids=lambda unit: unit.name)
+def test_verify_finds_nothing_but_the_missing_binary(
+    analyze: str, tmp_path: Path, unit: Path
+) -> None:
     # verify checks that ExecStart's binary exists; this machine has no installed daemon, so
     # the unit is verified once as shipped (that must be its only complaint) and once with the
     # binary swapped for one that exists (then there must be none: no unknown key, no typo).
     original = subprocess.run(
-        [analyze, "verify", "--no-pager", str(UNIT)], capture_output=True, text=True, timeout=120
+        [analyze, "verify", "--no-pager", str(unit)], capture_output=True, text=True, timeout=120
     )
-    (executable,) = [command.split()[0] for command in values("Service", "ExecStart")]
+    (executable,) = [
+        v.split()[0] for s, k, v in directives(unit) if (s, k) == ("Service", "ExecStart")
+    ]
     complaints = (original.stdout + original.stderr).strip().splitlines()
     if Path(executable).exists():  # installed here: nothing to complain about
         assert complaints == []
     else:
         assert len(complaints) == 1 and f"Command {executable} is not executable" in complaints[0]
-    copy = tmp_path / "scanrestore.service"
-    copy.write_text(UNIT.read_text().replace(executable, str(shutil.which("true"))))
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(executable, str(shutil.which("true"))))
     checked = subprocess.run(
         [analyze, "verify", "--no-pager", str(copy)], capture_output=True, text=True, timeout=120
     )

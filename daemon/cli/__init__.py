@@ -1,6 +1,6 @@
 """The `scanrestore` command line. Each module registers its own commands: process (one-shot
 restoration), run (the daemon), state (status, history, retry, reprocess, quarantine), models,
-export (PREMIS), web (serve, review)."""
+export (PREMIS), web (serve, review), worker (a cluster worker on another machine)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon.actions import ActionError
-from daemon.cli import export, models, process, run, state, web
+from daemon.cli import export, models, process, run, state, web, worker
 from daemon.cli.base import EXIT_CONFIG, EXIT_FAILED
 from daemon.config import ConfigError, load_config
 from daemon.logs import log_to_stderr
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (process, run, state, models, export, web):
+    for module in (process, run, state, models, export, web, worker):
         module.register(commands)
     return parser
 

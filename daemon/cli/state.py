@@ -43,6 +43,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
+    from daemon.cluster.registry import WorkerRegistry
     from daemon.schedule import ActiveHours
 
     store, queue = open_state(config)
@@ -68,6 +69,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
                 {"at": e.occurred_at.isoformat(), "kind": e.kind, "path": e.path, **e.detail}
                 for e in store.events(kinds=_NOTABLE_EVENTS, limit=20)
             ],
+            "workers": [record.as_json() for record in WorkerRegistry(store).workers()],
             "next_window": None if hours.always else hours.next_open().isoformat(),
             "window_open": hours.is_open(),
             "fixity": None
@@ -85,6 +87,8 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     print(f"queue: {counts}")
     for job in report["current"]:
         print(f"processing: {job['path']}")
+    for worker in report["workers"]:
+        print(_worker_line(worker))
     print(
         "window: always open"
         if report["next_window"] is None
@@ -104,6 +108,16 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         for problem in fix["problems"]:
             print(f"  {problem['kind']}: {problem['path']}")
     return EXIT_OK
+
+
+def _worker_line(worker: dict) -> str:
+    """A cluster worker in `status`: who, where, what, when last heard, how much done."""
+    text = (
+        f"worker {worker['name']} ({worker['ident']}, {worker['device']}): {worker['state']}"
+        f"{', on ' + worker['job'] if worker['job'] else ''}; heartbeat "
+        f"{worker['last_heartbeat_at']}; {worker['jobs_done']} done"
+    )
+    return text + (f"; error: {worker['error']}" if worker["error"] else "")
 
 
 def _history(args: argparse.Namespace, config: Config) -> int:

@@ -297,11 +297,12 @@ class JobQueue:
                 return self._quarantine(job, failures, current.worker_deaths, error, reason)
             return self._backoff(job, failures, current.worker_deaths, error)
 
-    def worker_died(self, job: Job, reason: str) -> Job:
+    def worker_died(self, job: Job, reason: str, *, backoff: bool = True) -> Job:
         """The worker process running the job died (decoder crash, out-of-memory kill): a
-        failed attempt, and `max_worker_deaths` of them quarantine the file."""
+        failed attempt, and `max_worker_deaths` of them quarantine the file. `backoff` False:
+        due again at once (a remote worker's lease already waited out its silence)."""
         with self.store.transaction():
-            return self._death(self._leased(job), reason)
+            return self._death(self._leased(job), reason, backoff=backoff)
 
     def discard(
         self, job: Job, reason: str, *, current_sha256: str | None, delay_seconds: float = 0.0
@@ -555,7 +556,7 @@ class JobQueue:
             finished_at=self._now(),
         )
 
-    def _death(self, current: Job, reason: str) -> Job:
+    def _death(self, current: Job, reason: str, *, backoff: bool = True) -> Job:
         failures, deaths = current.failures + 1, current.worker_deaths + 1
         if deaths >= self.max_worker_deaths:
             why = f"killed its worker {deaths} times; last: {reason}"
@@ -563,6 +564,16 @@ class JobQueue:
         if failures >= self.max_attempts:
             why = f"failed {failures} times; last error: {reason}"
             return self._quarantine(current, failures, deaths, reason, why)
+        if not backoff:
+            return self._set(
+                current,
+                state="failed",
+                **_NO_LEASE,
+                failures=failures,
+                worker_deaths=deaths,
+                last_error=reason,
+                next_attempt_at=self._now(),
+            )
         return self._backoff(current, failures, deaths, reason)
 
 

@@ -152,11 +152,19 @@ ALTER TABLE source_paths ADD COLUMN mtime_ns INTEGER;
 ALTER TABLE source_paths ADD COLUMN inode INTEGER;
 """
 
+# Which process made a run's outputs: "HOST:PID" for a local worker, "NAME@HOST:PID" for a
+# cluster worker on another machine (daemon.cluster). NULL in rows recorded before this step.
+# (The cluster's part of this step adds its registry of workers: see daemon.cluster.registry.)
+_RUN_WORKER = """
+ALTER TABLE runs ADD COLUMN worker TEXT;
+"""
+
 # The provenance tables' history; daemon.store.store merges it with the queue's.
 PROVENANCE_MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_provenance", script(_PROVENANCE)),
     Migration("0003_publication", script(_RUN_TOKEN)),
     Migration("0004_observation_identity", script(_OBSERVATION_IDENTITY)),
+    Migration("0006_cluster", script(_RUN_WORKER)),
 )
 
 
@@ -240,6 +248,7 @@ class Provenance(Connection):
         finished_at: datetime,
         code_version: str,
         device: str | None = None,
+        worker: str | None = None,
         error: str | None = None,
         job_id: int | None = None,
         run_token: str | None = None,
@@ -269,6 +278,7 @@ class Provenance(Connection):
                     "code_version": code_version,
                     "error": error,
                     "run_token": run_token,
+                    "worker": worker,
                 }
             )
             run_id = int(runs.last_pk)
@@ -465,6 +475,7 @@ class Provenance(Connection):
             stages=stages,
             outputs=outputs,
             run_token=row["run_token"],
+            worker=row["worker"],
         )
 
     def events(

@@ -65,6 +65,7 @@ class RunRecord:
     stages: tuple[StageRun, ...]
     outputs: tuple[OutputFile, ...]
     run_token: str | None = None  # the RunId written into the output files
+    worker: str | None = None  # the process that made it: "HOST:PID" or "NAME@HOST:PID"
 
 
 @dataclass(frozen=True)

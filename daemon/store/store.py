@@ -36,12 +36,16 @@ class Store(Fixity, Backup, Reviews, Tallies):
 
 
 def database_migrations() -> tuple[Migration, ...]:
-    """The database file's whole history: the provenance tables' migrations and the queue's
-    (daemon.queue owns `jobs`), merged in number order. Imported here, when first asked for,
-    because daemon.queue imports this package."""
+    """The database file's whole history: the provenance tables' migrations, the queue's
+    (daemon.queue owns `jobs`) and the cluster's (daemon.cluster.registry owns `workers`),
+    merged in number order. Imported here, when first asked for, because those packages import
+    this one."""
+    from daemon.cluster.registry import CLUSTER_MIGRATIONS
     from daemon.queue import JOB_MIGRATIONS
 
-    return merge_histories(PROVENANCE_MIGRATIONS, REVIEW_MIGRATIONS, JOB_MIGRATIONS)
+    return merge_histories(
+        PROVENANCE_MIGRATIONS, REVIEW_MIGRATIONS, JOB_MIGRATIONS, CLUSTER_MIGRATIONS
+    )
 
 
 def open_database(

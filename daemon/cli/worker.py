@@ -1,0 +1,43 @@
+"""`scanrestore worker`: a cluster worker on this machine, taking the coordinator's jobs through
+the configured broker (daemon.cluster.worker). One process per device."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+
+from daemon.cli.base import EXIT_CONFIG, log
+from daemon.config import Config
+
+__all__ = ["register"]
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser(
+        "worker", help="run jobs for a daemon on another machine (needs [cluster] broker)"
+    )
+    worker.add_argument(
+        "--device", help="cpu, cuda, cuda:N or mps (default: the config's processing.device)"
+    )
+    worker.add_argument("--name", default="", help="this worker's name (default HOST-DEVICE-PID)")
+    worker.set_defaults(handler=_worker)
+
+
+def _worker(args: argparse.Namespace, config: Config) -> int:
+    if not config.cluster.broker:
+        log.error("config: cluster.broker: must name the Redis the daemon dispatches through")
+        return EXIT_CONFIG
+    device = args.device or config.processing.device
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        log.error("--device: must be auto, cpu, mps, cuda or cuda:N, got %r", device)
+        return EXIT_CONFIG
+    if args.name and not re.fullmatch(r"[A-Za-z0-9_.:-]+", args.name):
+        log.error("--name: letters, digits and _ . : - only, got %r", args.name)
+        return EXIT_CONFIG
+    from daemon.cluster.worker import run_worker
+
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    return run_worker(
+        config, device=device, name=args.name, loglevel="INFO" if verbose else "WARNING"
+    )
