@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/defects.py sheet [--detector learned] [--out bench/results]
     .venv/bin/python bench/defects.py rss [--detector learned] [--megapixels 50]
+    (--model WEIGHTS and --threshold T choose the learned detector's weights and cut-off)
 
 - sheet: the restore stage (colour off, the chosen detector) on the real damaged photos in
   ../shared/corpus/old_photos (historic and real_degraded): for each, the share of pixels
@@ -42,8 +43,11 @@ CELL = 256
 SHOWN = 8
 
 
-def stage_for(detector: str) -> RestoreStage:
-    return RestoreStage(RestoreOptions(colour=False, detector=detector))
+def stage_for(detector: str, model: str | None = None, threshold: float = 0.5) -> RestoreStage:
+    extra = {"detector_model": model} if model else {}
+    return RestoreStage(
+        RestoreOptions(colour=False, detector=detector, threshold=threshold, **extra)
+    )
 
 
 def context(cache: Path) -> StageContext:
@@ -71,11 +75,11 @@ def to_bgr8(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., ::-1])
 
 
-def sheet(detector: str, out: Path) -> dict[str, Any]:
+def sheet(detector: str, out: Path, model: str | None, threshold: float) -> dict[str, Any]:
     paths = sorted(p for p in OLD.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not paths:
         raise SystemExit(f"no photos under {OLD}")
-    stage = stage_for(detector)
+    stage = stage_for(detector, model, threshold)
     rows, cells = [], []
     with tempfile.TemporaryDirectory() as cache:
         ctx = context(Path(cache))
@@ -129,7 +133,7 @@ def render(chosen: list[tuple], detector: str) -> np.ndarray:
     return canvas
 
 
-def rss(detector: str, megapixels: float) -> dict[str, Any]:
+def rss(detector: str, megapixels: float, model: str | None, threshold: float) -> dict[str, Any]:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     photo = decode(CORPUS / "sr_benchmark" / "skimage_cc0_HR" / "coffee.png")
     source = photo.pixels
@@ -151,7 +155,7 @@ def rss(detector: str, megapixels: float) -> dict[str, Any]:
         image = photo.replace(pixels=pixels)
         del source, photo
         started = time.perf_counter()
-        result = stage_for(detector).run(image, ctx)
+        result = stage_for(detector, model, threshold).run(image, ctx)
         seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dust = result.params.get("dust") or {}
@@ -173,17 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", choices=("learned", "classic"), default="learned")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--megapixels", type=float, default=50.0)
+    parser.add_argument("--model", help="learned detector weights (id or path; default shipped)")
+    parser.add_argument("--threshold", type=float, default=0.5)
     args = parser.parse_args(argv)
     if not CORPUS.exists():
         print(f"{CORPUS} is absent", file=sys.stderr)
         return 2
     if args.what == "sheet":
-        report = sheet(args.detector, args.out)
+        report = sheet(args.detector, args.out, args.model, args.threshold)
         for row in report["images"]:
             print(f"{row['image']:<55} {row['repaired_share']:>7.2%} {row['seconds']:>6.1f} s")
         print(f"sheet: {report['sheet']} ({', '.join(report['shown'])})")
     else:
-        report = rss(args.detector, args.megapixels)
+        report = rss(args.detector, args.megapixels, args.model, args.threshold)
         print(json.dumps(report, indent=1))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"defects_rss_{args.detector}.json").write_text(json.dumps(report) + "\n")

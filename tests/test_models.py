@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from modelfactory import (
+    random_defectunet,
     random_parsenet,
     random_retinaface,
     tiny_compact,
@@ -524,6 +525,45 @@ def test_verify_flags_a_tampered_file_and_a_missing_custom_one(
     }
     assert results["tiny-x4"].actual_sha256 == sha256_file(cache / "tiny-x4.pth")
     assert results["tiny-x4"].expected_sha256 == sha256_file(x4_file)
+
+
+def test_packaged_weights_verify_load_safely_and_are_never_written_or_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model shipped inside the package (origin "package", as a DefectUNet trained by this
+    project would be): `verify` re-hashes it, it loads through the safe loader, importing the
+    same bytes never writes into the package, fetching downloads nothing, removing is refused."""
+    import pipeline.models.store as store_module
+
+    package = tmp_path / "package"
+    weights = random_defectunet(package / "defects.safetensors")
+    monkeypatch.setattr(store_module, "PACKAGED_WEIGHTS", package)
+    spec = official(
+        "defects-v0", weights, None, architecture="DefectUNet", scale=1, purpose="defects",
+        filename="defects.safetensors", origin="package",
+    )  # fmt: skip
+    store = ModelStore(tmp_path / "cache", build_registry(spec))
+    assert store.path_for(spec) == weights
+    assert {s.id: st for s, st in store.list()} == {"defects-v0": "present"}
+    (result,) = store.verify()
+    assert result.status == "ok" and result.actual_sha256 == sha256_file(weights)
+    loaded = store.load("defects-v0")
+    assert loaded.descriptor.architecture.id == "DefectUNet" and loaded.sha256 == spec.sha256
+    assert loaded.descriptor.input_channels == 1
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(weights.read_bytes())
+    before = weights.stat().st_mtime_ns
+    assert store.import_file(copy).id == "defects-v0"
+    assert (
+        weights.stat().st_mtime_ns == before
+        and not (tmp_path / "cache" / "defects.safetensors").exists()
+    )
+    assert store.fetch("defects-v0") == weights
+    with pytest.raises(ModelError, match="shipped with scanrestore"):
+        store.remove("defects-v0")
+    assert weights.is_file()
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert store.verify()[0].status == "mismatch"
 
 
 def test_list_reports_presence_without_hashing(tmp_path: Path) -> None:

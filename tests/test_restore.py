@@ -531,9 +531,10 @@ def test_a_detector_that_is_no_defectunet_is_refused(tmp_path, ctx):
 
 
 def test_models_lists_the_learned_detector_only_when_it_runs():
-    assert RestoreStage(RestoreOptions(detector="learned")).models() == ["defectunet-v1"]
+    learned = {"detector": "learned", "detector_model": "defects-v0"}
+    assert RestoreStage(RestoreOptions(**learned)).models() == ["defects-v0"]
     assert RestoreStage(RestoreOptions(detector="classic")).models() == []
-    assert RestoreStage(RestoreOptions(detector="learned", dust=False)).models() == []
+    assert RestoreStage(RestoreOptions(**learned, dust=False)).models() == []
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -550,6 +551,7 @@ def test_models_lists_the_learned_detector_only_when_it_runs():
         ({"max_defect_px": 1}, "greater than or equal to 2"),
         ({"detector": "unet"}, "Input should be 'learned' or 'classic'"),
         ({"threshold": 1.0}, "less than 1"),
+        ({"detector": "learned"}, "detector_model: required by the learned detector"),
         ({"inpaint": "lama"}, "Input should be 'telea' or 'ns'"),
         ({"tile": 8}, "tile: must be 0"),
         ({"tile": 64, "overlap": 65}, "overlap: must not exceed the tile"),

@@ -29,10 +29,7 @@ from pipeline.stages.restore.scratches import Detector, detect_defects
 from pipeline.stages.restore.shared import copy_pixels
 from pipeline.tiling import TileSettings, auto_overlap, luma, run_tiled
 
-__all__ = ["DEFAULT_DETECTOR", "RestoreOptions", "RestoreStage"]
-
-# The detector trained by this project (training/train_defects.py), shipped in the package.
-DEFAULT_DETECTOR = "defectunet-v1"
+__all__ = ["RestoreOptions", "RestoreStage"]
 
 
 class RestoreOptions(StageOptions):
@@ -51,10 +48,12 @@ class RestoreOptions(StageOptions):
     high_percentile: float = Field(99.5, gt=50, le=100)
     # Dust and scratches: thin bright or dark defects, found on the luma and inpainted.
     dust: bool = True
-    # "learned": the DefectUNet (detector_model) run tiled over the luma, its probability cut
-    # at `threshold`; "classic": the top-hat detector (scratches.py) tuned by `sensitivity`.
+    # "learned": a DefectUNet (detector_model: id or path, trained with training/) run tiled
+    # over the luma, its probability cut at `threshold`; "classic": the top-hat detector
+    # (scratches.py) tuned by `sensitivity`. No trained DefectUNet ships yet: the one trained
+    # so far marks highlights and texture (README, "Learned dust detector").
     detector: Literal["learned", "classic"] = "classic"
-    detector_model: str = DEFAULT_DETECTOR
+    detector_model: str | None = None
     threshold: float = Field(0.5, gt=0, lt=1)
     # 0..1: higher also finds fainter defects and defects on busier backgrounds (see Detector).
     sensitivity: float = Field(0.5, ge=0, le=1)
@@ -77,6 +76,8 @@ class RestoreOptions(StageOptions):
             raise ValueError("low_percentile: must be below high_percentile")
         if self.inpaint_model is not None and not self.dust:
             raise ValueError("inpaint_model: only used when dust is true")
+        if self.dust and self.detector == "learned" and self.detector_model is None:
+            raise ValueError("detector_model: required by the learned detector (id or path)")
         check_tiling(self.tile, self.overlap)
         return self
 
@@ -178,6 +179,7 @@ class RestoreStage:
     def _detect_learned(self, pixels: np.ndarray, ctx: StageContext) -> tuple[np.ndarray, dict]:
         opts = self.options
         ref = opts.detector_model
+        assert ref is not None  # the options require it for the learned detector
         load = registered_loader(ctx, ref, _require_detector)
         engine, params = self._engines.get(ref, ctx, opts.precision, load)
         mask, tiling = detect_learned(
