@@ -142,8 +142,13 @@ def test_auto_rejects_an_engine_over_the_memory_cap(tmp_path, ctx):
     # 64 MB is the smallest cap allowed; a tile this small adds far less, so both pass ...
     params = UpscaleStage(options).run(_image(pixels), ctx).params["engine_calibration"]
     assert all(m["passed"] for m in params["measurements"])
-    from pipeline.runtimes.calibration import Measurement, _judge
+    from pipeline.runtimes.calibration import Measurement, _judge, _peak_mb
 
+    # ... the peak is what a call really holds, even after an earlier one freed as much ...
+    _peak_mb(lambda: np.ones(64 << 20, np.uint8).sum())
+    _, peak = _peak_mb(lambda: np.ones(96 << 20, np.uint8).sum())
+    if peak is not None:  # Linux
+        assert 80 < peak < 200, peak
     # ... and a measurement over the cap is judged out with the reason.
     judged = _judge("ncnn", 0.1, 3000.0, None, 2048)
     assert judged == Measurement("ncnn", 0.1, 3000.0, None, False, judged.reason)

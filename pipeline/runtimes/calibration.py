@@ -4,6 +4,8 @@ remember the choice with its numbers per (model, tile, threads, machine, engine 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -30,7 +32,7 @@ DECISIONS_NAME = "calibration.json"
 class Measurement:
     engine: str
     seconds: float  # one call on the calibration tile, after a warm-up call
-    peak_mb: float | None  # resident memory the call added at its peak (None: not measurable)
+    peak_mb: float | None  # resident memory the first call added at its peak (None: unknown)
     agreement_db: float | None  # vs torch fp32 after 8-bit rounding; None = identical
     passed: bool
     reason: str | None = None
@@ -59,14 +61,22 @@ def machine() -> dict[str, Any]:
 
 def _peak_mb(fn: Callable[[], Any]) -> tuple[Any, float | None]:
     """Run `fn`, returning its result and the resident memory it added at its peak (Linux:
-    VmHWM, reset through /proc/self/clear_refs)."""
+    VmHWM, reset through /proc/self/clear_refs). Freed heap is handed back first, so memory an
+    earlier engine left in malloc's pools neither hides this one's peak nor counts against it."""
+    _trim_heap()
     try:
-        Path("/proc/self/clear_refs").write_text("5")
         before = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return fn(), None
     result = fn()
     return result, max(0.0, (_status_kb("VmHWM") - before) / 1024)
+
+
+def _trim_heap() -> None:
+    # Not glibc: freed memory may stay resident and hide part of the next peak.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _status_kb(field: str) -> int:
@@ -76,10 +86,12 @@ def _status_kb(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def _measure(name: str, engine: Any, tile: torch.Tensor) -> tuple[np.ndarray, float, float | None]:
-    output = engine.infer(tile).numpy()  # warm-up: lazy weight packing, kernel selection
+def _measure(engine: Any, tile: torch.Tensor) -> tuple[np.ndarray, float, float | None]:
+    """Output, seconds of a warm call, and the peak memory of the first call (where an engine
+    allocates its workspace; later calls reuse it)."""
+    output, peak = _peak_mb(lambda: engine.infer(tile).numpy())
     start = time.perf_counter()
-    _, peak = _peak_mb(lambda: engine.infer(tile))
+    engine.infer(tile)
     return output, time.perf_counter() - start, peak
 
 
@@ -101,12 +113,12 @@ def calibrate(
     if recorded is not None and recorded.get("choice") in engines:
         return recorded["choice"], [Measurement(**m) for m in recorded["measurements"]], True
     batch = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))[None]
-    reference, seconds, peak = _measure("torch", engines["torch"], batch)
+    reference, seconds, peak = _measure(engines["torch"], batch)
     results = [_judge("torch", seconds, peak, None, memory_mb)]
     for name, engine in engines.items():
         if name == "torch":
             continue
-        output, seconds, peak = _measure(name, engine, batch)
+        output, seconds, peak = _measure(engine, batch)
         db = psnr8(output, reference)
         results.append(_judge(name, seconds, peak, None if math.isinf(db) else db, memory_mb))
     passing = [m for m in results if m.passed] or [results[0]]
