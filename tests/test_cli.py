@@ -194,12 +194,12 @@ def test_models_bench_measures_the_engines_once_and_shows_what_auto_picks(capsys
     report = json.loads(capsys.readouterr().out)
     assert report["cached"] is False and report["tile"] == [72, 72]  # tile + the auto overlap
     engines = {m["engine"]: m for m in report["measurements"]}
-    assert set(engines) == {"torch", "ncnn"}
+    assert {"torch", "ncnn"} <= set(engines) <= {"torch", "ncnn", "ncnn@1"}
     assert report["choice"] == min(engines.values(), key=lambda m: m["seconds"])["engine"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "(recorded earlier)" in table and f"auto picks: {report['choice']}" in table
-    assert table.count(" ok") == 2
+    assert table.count(" ok") == len(engines)
 
 
 def test_models_fetch_failure_is_reported_not_raised(tmp_path, capsys, cache):
