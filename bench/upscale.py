@@ -279,6 +279,16 @@ def ncnn_engine(bench: Bench, case: Case, descriptor: Any, info: dict[str, Any])
     return NcnnEngine(descriptor, converted, threads=torch.get_num_threads())
 
 
+def ncnn_engines(bench: Bench, case: Case, descriptor: Any, info: dict[str, Any]) -> list[Any]:
+    """ncnn on the run's threads and, as `auto` also tries, on one ("ncnn@1")."""
+    first = ncnn_engine(bench, case, descriptor, info)
+    if first.threads == 1:
+        return [first]
+    single = type(first)(descriptor, first.converted, threads=1)
+    single.name = "ncnn@1"
+    return [first, single]
+
+
 def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
     """Every method at every tile size for one model, methods interleaved per tile size so
     that each ratio compares measurements taken moments apart."""
@@ -290,7 +300,7 @@ def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
     engines = [fp32, *extra_engines(bench, case, descriptor)] if "torch" in bench.engines else []
     info: dict[str, Any] = {}
     if "ncnn" in bench.engines:
-        engines.append(ncnn_engine(bench, case, descriptor, info))
+        engines += ncnn_engines(bench, case, descriptor, info)
     for tile in case.tiles:
         measures = [
             lambda e=e, t=tile: measure_ours(e, images, t, bench.reps, refs)[0] for e in engines

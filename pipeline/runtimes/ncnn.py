@@ -66,6 +66,7 @@ class NcnnEngine:
         self.in_channels = int(descriptor.input_channels)
         self.version = ncnn_version()
         self.converted = converted
+        self.threads = threads
         self._net = ncnn.Net()
         opt = self._net.opt
         opt.num_threads = threads
