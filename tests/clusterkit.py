@@ -262,7 +262,8 @@ class Cluster:
                 return []
 
     def done(self) -> int:
-        return self.query("SELECT count(*) FROM jobs WHERE state = 'done'")[0][0]
+        rows = self.query("SELECT count(*) FROM jobs WHERE state = 'done'")
+        return rows[0][0] if rows else 0
 
     def images(self) -> list[Path]:
         return sorted(p for p in self.out.rglob("*.v*.png") if not p.name.startswith("._"))

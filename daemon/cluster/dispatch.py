@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,12 @@ class Dispatcher:
             self._discard(result, "names files outside its output folder")
             return None
         del self._dispatched[result.run_token]
-        if result.status == "refused" and (seen := self._seen.get(item.worker)) is not None:
+        seen = self._seen.get(item.worker)
+        if seen is not None and seen.beat.run_token in (None, result.run_token):
+            # It reported this run, so it is done with it: free for the next dispatch now,
+            # not only once its next heartbeat has been read (a poll later).
+            seen.beat = replace(seen.beat, run_token=None, job=None)
+        if result.status == "refused" and seen is not None:
             seen.refused = True
         if result.status in ("refused", "released"):
             log.warning(
