@@ -236,3 +236,34 @@ def test_redis_restarted_mid_batch_loses_no_job_and_duplicates_none(cluster, slo
     redis.start()
     wait_for(lambda: site.done() == 5, 300, "the batch done after the broker restart")
     assert_exactly_once(site, sources)
+
+
+def test_a_worker_presumed_dead_that_comes_back_publishes_nothing(cluster, slow_model):
+    """SIGSTOP freezes a worker mid-job past the worker timeout: the coordinator revokes its
+    run and gives the job to the other worker. Woken, the frozen worker finds its run revoked
+    and stops it (or, had it finished, its late result is discarded): one output, no
+    temporary file left."""
+    site = cluster(slow_model)
+    site.start_coordinator()
+    site.start_worker("w1")
+    site.start_worker("w2")
+    sources = drop(site, 1, size=320)
+    wait_for(lambda: busy_worker(site), 120, "a worker to take the scan")
+    frozen = busy_worker(site)
+    site.workers[frozen].send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: site.done() == 1, 240, "the job done by the other worker")
+    finally:
+        site.workers[frozen].send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: (
+            "revoked by the coordinator" in site.log(f"worker-{frozen}")
+            or "discarded result" in site.log("coordinator")
+        ),
+        60,
+        "the woken worker's run stopped or its result discarded",
+    )
+    wait_for(lambda: site.temporaries() == [], 30, "no temporary file left")
+    assert_exactly_once(site, sources)
+    ((maker,),) = site.query("SELECT worker FROM runs WHERE status = 'done'")
+    assert not maker.startswith(f"{frozen}@")
