@@ -18,6 +18,9 @@ __all__ = ["LEARNED_OVERLAP", "detect_learned"]
 # The U-Net sees 8 px at its coarsest level through 3x3 convolutions: 32 px of overlap keep
 # tiled probabilities within float rounding of whole-image ones.
 LEARNED_OVERLAP = 32
+# The luma and the probabilities are one float per pixel each: past this they live on disk,
+# read and released band by band (a 50 MP scan's would be 200 MB each).
+_PLANE_BYTES_IN_RAM = 32 << 20
 # The mask is grown by this many pixels to cover the anti-aliased fringe of each defect.
 _GROW = 1
 
@@ -31,7 +34,12 @@ def detect_learned(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """A uint8 mask (255 = defect) of `pixels` (H, W, C float32) and what shaped it."""
-    settings = TileSettings(tile=tile, overlap=LEARNED_OVERLAP, scratch_dir=scratch_dir)
+    settings = TileSettings(
+        tile=tile,
+        overlap=LEARNED_OVERLAP,
+        max_bytes_in_ram=_PLANE_BYTES_IN_RAM,
+        scratch_dir=scratch_dir,
+    )
     brightness = pixels if pixels.shape[2] == 1 else luma(pixels, settings)
     tiled = run_tiled(engine, np.asarray(brightness), settings, progress=progress)
     probability = tiled.pixels
@@ -47,6 +55,8 @@ def detect_learned(
         if band.any():
             band = cv2.dilate(band, kernel)
         mask[top:bottom] = band[top - start : top - start + bottom - top]
+        buffers.release_rows(probability, start, stop)
+        buffers.release_rows(mask, top, bottom)
     del probability
     if brightness is not pixels:
         del brightness

@@ -29,6 +29,8 @@ def copy_pixels(pixels: np.ndarray, scratch_dir: Path | None) -> np.ndarray:
     out = allocate(pixels.shape, scratch_dir)
     for top in range(0, pixels.shape[0], BAND_ROWS):
         out[top : top + BAND_ROWS] = pixels[top : top + BAND_ROWS]
+        # A disk-backed copy's written pages would otherwise stay resident, the whole scan.
+        buffers.release_rows(out, top, top + BAND_ROWS)
     return out
 
 
