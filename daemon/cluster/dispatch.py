@@ -64,6 +64,9 @@ class _Seen:
     heard_at: datetime
     first_seen_at: datetime = field(default_factory=utc_now)
     refused: bool = False  # it refused this daemon's recipe (known before its beat says so)
+    # Its heartbeat has changed while we watched: a beat left in Redis by a worker killed
+    # before this coordinator started is not taken for a live worker to send work to.
+    confirmed: bool = False
 
 
 class Dispatcher:
@@ -257,6 +260,7 @@ class Dispatcher:
                 self._seen[name] = _Seen(beat, now, self._clock(), self._clock())
             elif seen.beat.seq != beat.seq:
                 seen.beat, seen.changed_at, seen.heard_at = beat, now, self._clock()
+                seen.confirmed = True
             for item in self._dispatched.values():
                 if item.worker == name and beat.run_token == item.task.run_token:
                     item.taken = True
@@ -279,6 +283,7 @@ class Dispatcher:
             name
             for name, seen in self._seen.items()
             if self._alive(name)
+            and seen.confirmed
             and seen.beat.run_token is None
             and name not in waiting
             and self.recipe.sha256 not in seen.beat.refusing
