@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline import buffers
 from pipeline.stages.restore.shared import LUMA
 from pipeline.tiling import Engine
 
@@ -44,7 +45,12 @@ def inpaint_opencv(out: np.ndarray, mask: np.ndarray, method: str, radius: int) 
     and keeps 16-bit masters at their own precision. Navier-Stokes runs in float32."""
     flag = cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS
     reach = max(3, radius + 1)
-    for core, padded in tiles_with_mask(mask, _INPAINT_TILE, 4 * reach + 8):
+    context = 4 * reach + 8
+    done = 0  # rows above this are finished: a disk-backed `out` lets their pages go
+    for core, padded in tiles_with_mask(mask, _INPAINT_TILE, context):
+        if padded[0].start > done:
+            buffers.release_rows(out, done, padded[0].start)
+            done = padded[0].start
         holes = np.ascontiguousarray(mask[padded])
         inner = _inner(core, padded)
         chosen = holes[inner] > 0
