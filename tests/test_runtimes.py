@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -155,6 +156,56 @@ def test_auto_rejects_an_engine_over_the_memory_cap(tmp_path, ctx):
     judged = _judge("ncnn", 0.1, 3000.0, None, 2048)
     assert judged == Measurement("ncnn", 0.1, 3000.0, None, False, judged.reason)
     assert "3000 MB over the 2048 MB cap" in judged.reason
+
+
+class _Greedy:
+    """An engine that holds memory in proportion to the tile's area, recording each call."""
+
+    def __init__(self, bytes_per_pixel: int) -> None:
+        self.bytes_per_pixel = bytes_per_pixel
+        self.shapes: list[tuple[int, int]] = []
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        height, width = batch.shape[-2:]
+        self.shapes.append((height, width))
+        held = np.ones(height * width * self.bytes_per_pixel, np.uint8)
+        return batch + float(held[-1]) - 1.0
+
+
+def test_auto_never_runs_an_engine_at_full_size_when_a_half_tile_foresees_the_cap(tmp_path):
+    from pipeline.runtimes.calibration import calibrate
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs: peaks cannot be measured on this platform")
+    tile = np.random.default_rng(3).random((128, 128, 3), dtype=np.float32)
+    greedy = _Greedy(bytes_per_pixel=16 << 10)  # 64 MB at half size, 256 MB in full
+    choice, measured, cached = calibrate(
+        {"torch": _Greedy(bytes_per_pixel=1), "ncnn": greedy},
+        tile,
+        memory_mb=160,
+        decisions=tmp_path / "calibration.json",
+        key={"model": "greedy"},
+    )
+    assert choice == "torch" and not cached
+    assert greedy.shapes == [(64, 64)]  # the half-size probe only
+    rejected = measured[1]
+    assert rejected.engine == "ncnn" and not rejected.passed
+    assert 200 < rejected.peak_mb < 400, rejected.peak_mb
+    assert "over the 160 MB cap (not run at full size)" in rejected.reason
+    assert rejected.seconds is None
+    recorded = json.loads((tmp_path / "calibration.json").read_text())
+    assert [m["seconds"] for m in next(iter(recorded.values()))["measurements"]][1] is None
+    # Under a cap the estimate passes, the engine runs at full size and agrees with torch.
+    greedy.shapes.clear()
+    _, measured, _ = calibrate(
+        {"torch": _Greedy(bytes_per_pixel=1), "ncnn": greedy},
+        tile,
+        memory_mb=1024,
+        decisions=tmp_path / "other.json",
+        key={"model": "greedy"},
+    )
+    assert greedy.shapes[0] == (64, 64) and (128, 128) in greedy.shapes[1:]
+    assert measured[1].passed
 
 
 def test_ncnn_tiled_output_on_a_real_photo_agrees_with_whole_image_torch(ctx):

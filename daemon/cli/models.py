@@ -136,10 +136,11 @@ def _models_bench(args: argparse.Namespace, config: Config) -> int:
         db = "reference" if m["engine"] == "torch" else db
         peak = "-" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}"
         verdict = "ok" if m["passed"] else m["reason"]
-        print(
-            f"{m['engine']:<8}{m['seconds']:>9.3f}{torch_s / m['seconds']:>9.2f}x{peak:>9}"
-            f"{db:>12}  {verdict}"
-        )
+        if m["seconds"] is None:  # foreseen over the memory cap, never run at full size
+            timing, db = f"{'-':>9}{'-':>10}", "-"
+        else:
+            timing = f"{m['seconds']:>9.3f}{torch_s / m['seconds']:>9.2f}x"
+        print(f"{m['engine']:<8}{timing}{peak:>9}{db:>12}  {verdict}")
     for name, reason in calibration["unavailable"].items():
         print(f"{name:<8} unavailable: {reason}")
     print(f"auto picks: {calibration['choice']}")

@@ -31,7 +31,7 @@ DECISIONS_NAME = "calibration.json"
 @dataclass(frozen=True)
 class Measurement:
     engine: str
-    seconds: float  # one call on the calibration tile, after a warm-up call
+    seconds: float | None  # a warm call on the calibration tile; None: not run at full size
     peak_mb: float | None  # resident memory the first call added at its peak (None: unknown)
     agreement_db: float | None  # vs torch fp32 after 8-bit rounding; None = identical
     passed: bool
@@ -95,6 +95,21 @@ def _measure(engine: Any, tile: torch.Tensor) -> tuple[np.ndarray, float, float 
     return output, time.perf_counter() - start, peak
 
 
+def _estimated_peak_mb(engine: Any, batch: torch.Tensor) -> float | None:
+    """The first call's peak on the full tile, foreseen from a call on a tile of half the side:
+    that peak times the area ratio (an overestimate, as weights and fixed workspace do not grow
+    with the tile), so an engine that would pass the cap is never run at full size to find out
+    (ncnn's Winograd workspace took 4.7 GB on one 256 px x4plus tile)."""
+    height, width = batch.shape[-2:]
+    half_h, half_w = max(8, height // 2), max(8, width // 2)
+    if half_h >= height and half_w >= width:
+        return None
+    _, peak = _peak_mb(lambda: engine.infer(batch[..., :half_h, :half_w].contiguous()))
+    if peak is None:
+        return None
+    return peak * (height * width) / (half_h * half_w)
+
+
 def calibrate(
     engines: Mapping[str, Any],
     tile: np.ndarray,
@@ -117,6 +132,14 @@ def calibrate(
     results = [_judge("torch", seconds, peak, None, memory_mb)]
     for name, engine in engines.items():
         if name == "torch":
+            continue
+        estimate = _estimated_peak_mb(engine, batch)
+        if estimate is not None and estimate > memory_mb:
+            reason = (
+                f"peak estimated at {estimate:.0f} MB from a half-size tile, over the "
+                f"{memory_mb:.0f} MB cap (not run at full size)"
+            )
+            results.append(Measurement(name, None, round(estimate, 1), None, False, reason))
             continue
         output, seconds, peak = _measure(engine, batch)
         db = psnr8(output, reference)
