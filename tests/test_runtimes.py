@@ -208,6 +208,18 @@ def test_auto_never_runs_an_engine_at_full_size_when_a_half_tile_foresees_the_ca
     assert measured[1].passed
 
 
+def test_the_process_peak_survives_the_reset_a_calibration_makes():
+    from pipeline.runtimes.calibration import _peak_mb, _status_kb, peak_rss_mb
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs: peaks cannot be measured on this platform")
+    np.ones(300 << 20, np.uint8).sum()  # a peak 300 MB above what the process holds after
+    before = peak_rss_mb()
+    _peak_mb(lambda: None)  # what calibration does around each engine's first call
+    assert _status_kb("VmHWM") / 1024 < before - 200  # the kernel's mark was reset ...
+    assert peak_rss_mb() >= before  # ... and the process's peak is still known
+
+
 def test_ncnn_tiled_output_on_a_real_photo_agrees_with_whole_image_torch(ctx):
     weights = shared_file("weights/realesr-general-x4v3.from-ncnn.pth")
     pixels = _photo(96, 128)

@@ -28,12 +28,17 @@ SET5 = "corpus/sr_benchmark/Set5/HR"
 class State:
     """A watched folder, an output folder, a state folder and a config file."""
 
-    def __init__(self, root: Path, *, tile: int = 256, **web: object) -> None:
+    def __init__(
+        self, root: Path, *, tile: int = 256, slow_model: bool = False, **web: object
+    ) -> None:
         self.root = root
         self.scans, self.out, self.state = root / "scans", root / "out", root / "state"
         self.scans.mkdir(parents=True, exist_ok=True)
         self.config = root / "config.toml"
-        model = tiny_compact(root / "tiny2x.pth", scale=2)
+        # A slow model (64 features, 16 convolutions) keeps a job running for seconds even on
+        # an idle machine, so a test can watch it run; the default finishes in a blink.
+        size = {"num_feat": 64, "num_conv": 16} if slow_model else {}
+        model = tiny_compact(root / "tiny2x.pth", scale=2, **size)
         sections = {
             "models": {"cache_dir": str(root / "cache"), "auto_fetch": False},
             "processing": {"device": "cpu", "precision": "fp32", "threads": 1},

@@ -22,9 +22,18 @@ import torch
 
 from pipeline.files import write_atomically
 
-__all__ = ["DECISIONS_NAME", "MIN_AGREEMENT_DB", "Measurement", "calibrate", "machine", "psnr8"]
+__all__ = [
+    "DECISIONS_NAME",
+    "MIN_AGREEMENT_DB",
+    "Measurement",
+    "calibrate",
+    "machine",
+    "peak_rss_mb",
+    "psnr8",
+]
 
 MIN_AGREEMENT_DB = 50.0
+_HWM_BEFORE_RESETS_KB = 0  # the process's peak as it stood before the latest VmHWM reset
 DECISIONS_NAME = "calibration.json"
 
 
@@ -63,14 +72,26 @@ def _peak_mb(fn: Callable[[], Any]) -> tuple[Any, float | None]:
     """Run `fn`, returning its result and the resident memory it added at its peak (Linux:
     VmHWM, reset through /proc/self/clear_refs). Freed heap is handed back first, so memory an
     earlier engine left in malloc's pools neither hides this one's peak nor counts against it."""
+    global _HWM_BEFORE_RESETS_KB
     _trim_heap()
     try:
         before = _status_kb("VmRSS")
+        # The reset below forgets the process's own peak so far: keep it for peak_rss_mb().
+        _HWM_BEFORE_RESETS_KB = max(_HWM_BEFORE_RESETS_KB, _status_kb("VmHWM"))
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return fn(), None
     result = fn()
     return result, max(0.0, (_status_kb("VmHWM") - before) / 1024)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory since it started (Linux), including what it held
+    before a calibration reset the kernel's high-water mark (VmHWM) to measure one call."""
+    try:
+        return round(max(_HWM_BEFORE_RESETS_KB, _status_kb("VmHWM")) / 1024, 1)
+    except OSError:
+        return None
 
 
 def _trim_heap() -> None:
