@@ -199,6 +199,11 @@ def test_keyboard_decisions_are_recorded_and_shown(state, url, page):
 
     _wait(lambda: len(decisions()) == 2, what="two review events")
     assert decisions() == [(first, "approved"), (second, "rejected")]
+    # The rows follow once the page has the server's answers (the database may be first).
+    page.wait_for_function(
+        "() => { const rows = document.querySelectorAll('#queue tbody tr');"
+        " return rows[0].dataset.state === 'approved' && rows[1].dataset.state === 'rejected'; }"
+    )
     assert rows.nth(0).get_attribute("data-state") == "approved"
     assert rows.nth(1).get_attribute("data-state") == "rejected"
     # On the output page too; the label follows and the decision is listed.
