@@ -422,16 +422,11 @@ def _proc_status_mb(key: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def _peak_rss_mb() -> float:
-    """The child's peak RSS since it started: VmHWM, unless an engine calibration reset it to
-    measure one call (it keeps the peak from before the reset)."""
+def rss_child(job: RssJob) -> int:
+    """Run one image end to end in this (fresh) process and report its peak RSS (VmHWM, with
+    the peak from before any reset an engine calibration made to measure one call)."""
     from pipeline.runtimes.calibration import peak_rss_mb
 
-    return peak_rss_mb() or _proc_status_mb("VmHWM")
-
-
-def rss_child(job: RssJob) -> int:
-    """Run one image end to end in this (fresh) process and report its peak RSS."""
     out = job.report.parent / f"out-{job.route}"
     out.mkdir()
     baseline = _proc_status_mb("VmRSS")  # interpreter, torch and the pipeline imported
@@ -443,7 +438,7 @@ def rss_child(job: RssJob) -> int:
     seconds = time.perf_counter() - started
     megapixels = float(np.prod(detail.get("input_size", [0]))) / 1e6
     job.report.write_text(json.dumps({
-        "route": job.route, "error": error, "peak_rss_mb": _peak_rss_mb(),
+        "route": job.route, "error": error, "peak_rss_mb": peak_rss_mb(),
         "baseline_rss_mb": baseline, "seconds": round(seconds, 2),
         "s_per_mp": round(seconds / megapixels, 2) if megapixels else None, **detail,
     }))  # fmt: skip
