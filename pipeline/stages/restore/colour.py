@@ -48,6 +48,14 @@ _MIN_WHITE = 0.5
 # _MAX_FADED_BLACK) is a sky or a wall; one whose white reaches _MAX_FADED_WHITE kept its paper
 # white, so its lifted blacks are its key (high-key, mist), not fading; one with no white at
 # all is a dark scene. Most tones near the white is high-key too.
+# "Darks" are dark in brightness: the lowest channel alone is no dark tone, since in a
+# saturated colour (a blue sky) one channel sits low however bright the picture is. So the
+# brightness's own black point must lie below _MAX_FADED_BLACK as well.
+# Levels need colour evidence too. Dye fading is a colour phenomenon: the dyes fade at
+# different rates, so the picture loses contrast *and* its channels part. A monochrome
+# picture (greyscale, neutral or toned) carries no such evidence: a soft print on matte paper,
+# a low-contrast grade or a camera capture of a print has lifted blacks and a dim white just as
+# a faded one has, and stretching it is a curator's contrast decision, not a repair.
 _MIN_FADED_BLACK = 0.15
 _MAX_FADED_BLACK = 0.45
 _MIN_FADED_WHITE = 0.6
@@ -71,7 +79,7 @@ def _smoothstep(start: float, value: float) -> float:
 class ColourEvidence:
     """What the picture says about itself, measured on a reduced copy."""
 
-    monochrome: bool  # one channel, or toned/neutral monochrome: never white-balanced
+    monochrome: bool  # one channel, or toned/neutral monochrome: never balanced or levelled
     spread: float  # chroma spread within brightness bins, relative to luma
     neutral_before: float  # share of mid-tone pixels that are near-neutral as they are
     neutral_after: float  # ... and after the proposed white balance
@@ -79,6 +87,7 @@ class ColourEvidence:
     balance_gain: float  # largest channel gain white balance alone would apply
     black: float  # darkest black point of any channel
     white: float  # brightest white point of any channel
+    dark: float  # black point of the brightness (luma)
     median: float  # median brightness, as a share of the way from black to white
 
     def as_params(self) -> dict[str, Any]:
@@ -90,26 +99,32 @@ class ColourEvidence:
             "agreement": round(self.agreement, 6),
             "balance_gain": round(self.balance_gain, 6),
             "median": round(self.median, 6),
+            "dark": round(self.dark, 6),
         }
 
-    @property
-    def cast_is_real(self) -> bool:
-        return (
-            not self.monochrome
-            and self.spread <= _SATURATED_SPREAD
-            and self.white >= _MIN_WHITE
-            and self.balance_gain <= _MAX_BALANCE_GAIN
-            and self.neutral_after >= self.neutral_before
-            and self.agreement >= _MIN_AGREEMENT
-        )
+    def cast_doubts(self) -> list[str]:
+        """Why the unequal channels are not a cast (empty: they are one)."""
+        doubts = {
+            "monochrome": self.monochrome,
+            "strongly coloured": self.spread > _SATURATED_SPREAD,
+            "no white": self.white < _MIN_WHITE,
+            f"balance gain above {_MAX_BALANCE_GAIN}": self.balance_gain > _MAX_BALANCE_GAIN,
+            "balancing leaves less neutral": self.neutral_after < self.neutral_before,
+            "darks, mid-tones and lights disagree": self.agreement < _MIN_AGREEMENT,
+        }
+        return [doubt for doubt, holds in doubts.items() if holds]
 
-    @property
-    def fade_is_real(self) -> bool:
-        return (
-            _MIN_FADED_BLACK <= self.black <= _MAX_FADED_BLACK
-            and _MIN_FADED_WHITE <= self.white <= _MAX_FADED_WHITE
-            and self.median <= _MAX_FADED_MEDIAN
-        )
+    def fade_doubts(self) -> list[str]:
+        """Why the short tonal range is not fading (empty: it is)."""
+        doubts = {
+            "monochrome: no dye-fade evidence": self.monochrome,
+            "low-key": self.black < _MIN_FADED_BLACK,
+            "no dark tones": max(self.black, self.dark) > _MAX_FADED_BLACK,
+            "no white": self.white < _MIN_FADED_WHITE,
+            "paper white kept": self.white > _MAX_FADED_WHITE,
+            "high-key": self.median > _MAX_FADED_MEDIAN,
+        }
+        return [doubt for doubt, holds in doubts.items() if holds]
 
 
 def reduce(pixels: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
@@ -198,13 +213,18 @@ def _agreement(rgb: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> float:
 
 
 def measure_evidence(
-    reduced: np.ndarray, black: np.ndarray, white: np.ndarray, gain: np.ndarray, offset: np.ndarray
+    reduced: np.ndarray,
+    black: np.ndarray,
+    white: np.ndarray,
+    dark: float,
+    gain: np.ndarray,
+    offset: np.ndarray,
 ) -> ColourEvidence:
     low, high = float(black.min()), float(white.max())
     y = reduced @ LUMA if reduced.shape[1] == 3 else reduced[:, 0]
     median = (float(np.median(y)) - low) / max(high - low, 1e-6)
     if reduced.shape[1] == 1:
-        return ColourEvidence(True, 0.0, 1.0, 1.0, 0.0, 1.0, low, high, median)
+        return ColourEvidence(True, 0.0, 1.0, 1.0, 0.0, 1.0, low, high, dark, median)
     spread = _spread(reduced)
     balanced = np.clip(reduced * gain + offset, 0.0, 1.0)
     return ColourEvidence(
@@ -216,6 +236,7 @@ def measure_evidence(
         balance_gain=float(gain.max()),
         black=low,
         white=high,
+        dark=dark,
         median=median,
     )
 
@@ -269,10 +290,17 @@ def correct_colour(
     }
     if (balance > 0.0 or levels > 0.0) and span >= 1e-3:
         reduced = reduce(pixels, alpha).astype(np.float64)
-        evidence = measure_evidence(reduced, black, white, *_affine(black, white, 1.0, 0.0))
+        brightness = sample @ LUMA if sample.shape[1] == 3 else sample[:, 0]
+        dark = float(np.percentile(brightness, opts.low_percentile))
+        evidence = measure_evidence(reduced, black, white, dark, *_affine(black, white, 1.0, 0.0))
         params["evidence"] = evidence.as_params()
-        balance = balance if evidence.cast_is_real else 0.0
-        levels = levels if evidence.fade_is_real else 0.0
+        # What the percentile rule asked for and why the picture refused it, so a curator
+        # sees every decision not taken.
+        cast_doubts, fade_doubts = evidence.cast_doubts(), evidence.fade_doubts()
+        if balance > 0.0 and cast_doubts:
+            params["white_balance_refused"], balance = cast_doubts, 0.0
+        if levels > 0.0 and fade_doubts:
+            params["levels_refused"], levels = fade_doubts, 0.0
     params.update(white_balance=round(balance, 6), levels=round(levels, 6))
     if (balance == 0.0 and levels == 0.0) or span < 1e-3:
         return pixels, params, False
