@@ -1,6 +1,6 @@
 """Dust and scratch repair on real damaged photos, and its memory on a large scan.
 
-    .venv/bin/python bench/defects.py sheet [--detector learned] [--out bench/results]
+    .venv/bin/python bench/defects.py sheet [--detector learned] [--out bench/results] [--row STEM]
     .venv/bin/python bench/defects.py rss [--detector learned] [--megapixels 50]
     (--model WEIGHTS and --threshold T choose the learned detector's weights and cut-off)
 
@@ -8,7 +8,8 @@
   ../shared/corpus/old_photos (historic and real_degraded): for each, the share of pixels
   repaired and the seconds taken; a contact sheet (before, mask, after) of the eight with the
   most repaired pixels, at their busiest 256 px window, as defects_sheet_<detector>.png, and the
-  numbers as defects_<detector>.json.
+  numbers as defects_<detector>.json. --row STEM also writes that photo's row alone as a small
+  JPEG, defects-row-<detector>.jpg (the README shows it; git keeps it).
 - rss: one fresh process restores a synthetic scan of --megapixels (a corpus photo enlarged,
   with seeded scratches and specks drawn on it) and reports its peak RSS (ru_maxrss) and the
   baseline after imports: the acceptance bound is 2 GB on a 50 MP scan.
@@ -75,7 +76,9 @@ def to_bgr8(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., ::-1])
 
 
-def sheet(detector: str, out: Path, model: str | None, threshold: float) -> dict[str, Any]:
+def sheet(
+    detector: str, out: Path, model: str | None, threshold: float, row: str | None = None
+) -> dict[str, Any]:
     paths = sorted(p for p in OLD.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not paths:
         raise SystemExit(f"no photos under {OLD}")
@@ -111,6 +114,12 @@ def sheet(detector: str, out: Path, model: str | None, threshold: float) -> dict
     cv2.imwrite(str(picture), render(chosen, detector))
     report = {"detector": detector, "images": rows, "sheet": str(picture),
               "shown": [c[1] for c in chosen]}  # fmt: skip
+    if row is not None:
+        named = [c for c in cells if c[1] == row]
+        if not named:
+            raise SystemExit(f"--row {row}: no such photo under {OLD}")
+        report["row"] = str(out / f"defects-row-{detector}.jpg")
+        cv2.imwrite(report["row"], render(named, detector), [cv2.IMWRITE_JPEG_QUALITY, 88])
     (out / f"defects_{detector}.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -179,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--megapixels", type=float, default=50.0)
     parser.add_argument("--model", help="learned detector weights (id or path; default shipped)")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--row", help="sheet: also write this photo's row (file stem) alone")
     args = parser.parse_args(argv)
     if not CORPUS.exists():
         print(f"{CORPUS} is absent", file=sys.stderr)
         return 2
     if args.what == "sheet":
-        report = sheet(args.detector, args.out, args.model, args.threshold)
+        report = sheet(args.detector, args.out, args.model, args.threshold, args.row)
         for row in report["images"]:
             print(f"{row['image']:<55} {row['repaired_share']:>7.2%} {row['seconds']:>6.1f} s")
         print(f"sheet: {report['sheet']} ({', '.join(report['shown'])})")

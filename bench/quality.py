@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py [--sections denoise,restore,upscale] [--quick] [--pairs N]
         [--out bench/results/quality.json] [--sheet bench/results/quality_sheet.png]
+        [--detector-model ID_OR_PATH] [--threshold T]   (the restore sections' learned detector)
 
 - denoise: every PolyU real high-ISO pair (noisy `*_real`, clean `*_mean`), PSNR and SSIM of the
   noisy input and of each method's output against the clean image.
@@ -125,6 +126,7 @@ class Run:
     corpus: Corpus = field(default_factory=Corpus)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     sheet: list[SheetRow] = field(default_factory=list)
+    restore: dict[str, Any] = field(default_factory=dict)  # restore option overrides
 
     def note_model(self, method: str, result: StageResult) -> None:
         keys = ("model", "model_sha256", "architecture", "precision", "tile", "device")
@@ -451,7 +453,9 @@ def restore_cases(run: Run) -> list[tuple[str, Image]]:
 def bench_restore(run: Run, detector: str | None = None) -> dict[str, Any]:
     """The restore stage's defaults, or the defaults with `detector` forced (the extra
     sections restore-classic and restore-learned, for a side-by-side table)."""
-    stage = RestoreStage(RestoreOptions(**({"detector": detector} if detector else {})))
+    stage = RestoreStage(
+        RestoreOptions(**run.restore, **({"detector": detector} if detector else {}))
+    )
     cases = restore_cases(run)
     shown = {_first_named(cases, prefix, SHEET_RESTORE) for prefix in ("Set5/", "Set14/")}
     rows = [_restore_case(run, stage, name, image, name in shown) for name, image in cases]
@@ -964,6 +968,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     results = REPO / "bench" / "results"
     parser.add_argument("--out", type=Path, default=results / "quality.json")
     parser.add_argument("--sheet", type=Path, default=results / "quality_sheet.png")
+    parser.add_argument(
+        "--detector-model", help="restore sections: the learned detector's weights (id or path)"
+    )
+    parser.add_argument("--threshold", type=float, help="restore sections: the detector's cut")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS) - set(EXTRA_SECTIONS))
@@ -1000,6 +1008,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         ctx = StageContext(models=ModelStore(Path(cache)), device="cpu", precision="fp32")
         run = Run(ctx, plan)
+        if args.detector_model is not None:
+            run.restore["detector_model"] = args.detector_model
+        if args.threshold is not None:
+            run.restore["threshold"] = args.threshold
         for name in [s for s in (*SECTIONS, *EXTRA_SECTIONS) if s in args.sections]:
             report[name] = RUNNERS[name][0](run)
     report["seconds"] = time.perf_counter() - started

@@ -22,6 +22,7 @@ from pipeline.image import Image, Metadata, decode
 from pipeline.models import ModelStore
 from pipeline.stage import StageContext
 from pipeline.stages.restore import RestoreOptions, RestoreStage
+from pipeline.stages.restore.learned import mask_from_probability
 
 SET5 = ["baby", "bird", "butterfly", "head", "woman"]
 SET14 = [
@@ -521,6 +522,18 @@ def test_the_learned_path_keeps_greyscale_and_16_bit(tmp_path, ctx, relative, bi
     assert out.pixels.dtype == np.float32 and result.mask is not None
     if bits == 16:  # nothing is quantised to 8-bit levels on the way
         assert len(np.unique(np.rint(out.pixels * 65535) % 257)) > 100
+
+
+def test_a_sure_detection_extends_along_its_faint_connected_end_but_a_faint_blob_stays_out():
+    probability = np.zeros((40, 60), np.float32)
+    probability[10, 5:30] = 0.9  # a scratch the network is sure of
+    probability[10, 30:45] = 0.3  # its faint end, connected: within reach, then cut off
+    probability[30, 20:23] = 0.3  # as faint, but nothing sure touches it
+    mask = mask_from_probability(probability, threshold=0.5) > 0
+    assert mask[10, 5:32].all() and not mask[10, 34:].any()  # reach 2, grown by 1
+    assert mask[9:12, 10].all() and not mask[8, 10]  # the growth covers the fringe, 1 px
+    assert not mask[25:, :].any()
+    assert not mask_from_probability(np.full((8, 8), 0.4, np.float32), 0.5).any()
 
 
 def test_a_detector_that_is_no_defectunet_is_refused(tmp_path, ctx):

@@ -1,17 +1,22 @@
 """Train the DefectUNet dust and scratch detector on procedurally damaged clean photographs.
 
-    nice -n 19 .venv/bin/python training/train_defects.py --steps 3000 --out training/runs/v1
+    nice -n 10 .venv/bin/python training/train_defects.py --steps 1700 --threads 2 \
+        --out training/runs/v1
 
 Fixed seeds (torch, numpy, the damage generator) make a run reproducible on the same machine
 and library versions. Training crops come from the allowed clean images (training.damage:
-scikit-image's bundled photographs and the corpus's McMaster images), minus the validation
-images, which are held out whole. Prints losses and validation recall/precision; writes
-`defectunet.safetensors` and `card.json` (data, steps, metrics, code version) to --out."""
+scikit-image's bundled photographs, the corpus's McMaster images and City100's H frames),
+minus the validation images, which are held out whole. A share of the crops is left undamaged,
+so that the network also learns from clean texture and highlights alone. Prints losses and
+validation recall/precision over a sweep of thresholds; writes `defectunet.safetensors`, a
+copy per validation (`step-N.safetensors`, so a run stopped early keeps usable weights) and
+`card.json` (data, steps, metrics, code version) to --out."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -27,11 +32,18 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.image import decode  # noqa: E402
 from pipeline.models.defectnet import DefectUNet  # noqa: E402
+from pipeline.stages.restore.learned import mask_from_probability  # noqa: E402
 from training.damage import COVER, damage, training_images  # noqa: E402
 
-# Whole images kept out of training for validation: two photographs and a McMaster scene.
-VALIDATION = ("coffee.png", "motorcycle_right.png", "10.tif")
+# Whole images kept out of training for validation: two photographs, a McMaster scene and a
+# City100 street.
+VALIDATION = ("coffee.png", "motorcycle_right.png", "10.tif", "051H.PNG")
 SEED = 20261206
+CLEAN_SHARE = 0.15  # crops left without defects
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+# The stage grows its mask by this many pixels (pipeline/stages/restore/learned.py); the loss
+# ignores the ring it grows into, where a detection is neither right nor wrong.
+GROW = 1
 
 
 def load_images(paths: list[Path]) -> list[np.ndarray]:
@@ -67,35 +79,67 @@ def batch(
     xs, ys = [], []
     for _ in range(count):
         image = images[int(rng.integers(len(images)))]
-        hurt = damage(crop(image, size, rng), rng, amount=rng.uniform(0.5, 2.0))
+        amount = 0.0 if rng.random() < CLEAN_SHARE else rng.uniform(0.5, 2.0)
+        hurt = damage(crop(image, size, rng), rng, amount=amount)
         xs.append(hurt.pixels.transpose(2, 0, 1))
         ys.append(hurt.mask[None])
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
+def grow(mask: torch.Tensor, pixels: int = GROW) -> torch.Tensor:
+    return F.max_pool2d(mask.float(), 2 * pixels + 1, stride=1, padding=pixels)
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Weighted BCE plus soft Dice: damage is a few percent of the pixels."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(4.0))
+    """Focal BCE (unweighted classes: every false detection costs as much as a miss, and the
+    hard ones, highlights and texture, most) plus a Tversky term that charges false positives
+    more than misses; the ring the stage's mask grows into is left out of both."""
+    care = 1 - (grow(target) - target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     prob = torch.sigmoid(logits)
-    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
-    return bce + dice
+    hit = prob * target + (1 - prob) * (1 - target)
+    focal = ((1 - hit) ** 2 * bce * care).sum() / care.sum() * 10
+    tp = (prob * target * care).sum()
+    fp = (prob * (1 - target) * care).sum()
+    fn = ((1 - prob) * target * care).sum()
+    tversky = 1 - (tp + 1) / (tp + 0.6 * fp + 0.4 * fn + 1)
+    return focal + tversky
 
 
 @torch.no_grad()
 def validate(
-    model: DefectUNet, val: tuple[torch.Tensor, torch.Tensor], threshold: float = 0.5
-) -> dict[str, float]:
-    """Pixel recall and precision at `threshold`; precision counts a detection within 2 px of
-    damage as right (the harness's damaged region is the damage dilated by 2 px)."""
+    model: DefectUNet, val: tuple[torch.Tensor, torch.Tensor], thresholds=THRESHOLDS
+) -> list[dict[str, float]]:
+    """Pixel recall and precision of the stage's own mask (mask_from_probability: threshold,
+    hysteresis, growth) at each threshold; precision counts a detection within 2 px of damage
+    as right (the harness's damaged region is the damage dilated by 2 px). `clean_marked`: the
+    share of the undamaged crops' pixels marked."""
     model.eval()
     xs, ys = val
-    found = torch.cat([model(xs[i : i + 8]) for i in range(0, len(xs), 8)]) >= threshold
+    prob = torch.cat([model(xs[i : i + 8]) for i in range(0, len(xs), 8)])[:, 0].numpy()
     model.train()
-    truth = ys > 0.5
-    near = F.max_pool2d(truth.float(), 5, stride=1, padding=2) > 0
-    recall = float((found & truth).sum() / truth.sum().clamp(min=1))
-    precision = float((found & near).sum() / found.sum().clamp(min=1))
-    return {"recall": recall, "precision": precision}
+    truth = ys[:, 0].numpy() > 0.5
+    near = grow(ys > 0.5, 2)[:, 0].numpy() > 0
+    clean = ~truth.any(axis=(1, 2))
+    rows = []
+    for threshold in thresholds:
+        found = np.stack([mask_from_probability(p, threshold) > 0 for p in prob])
+        rows.append(
+            {
+                "threshold": threshold,
+                "recall": round(float((found & truth).sum() / max(1, truth.sum())), 4),
+                "precision": round(float((found & near).sum() / max(1, found.sum())), 4),
+                "clean_marked": round(float(found[clean].mean()) if clean.any() else 0.0, 6),
+            }
+        )
+    return rows
+
+
+def choose_threshold(sweep: list[dict[str, float]], precision: float = 0.85) -> float | None:
+    """The lowest threshold whose validation precision reaches `precision` (the acceptance
+    bar, 0.8, with a margin for images unlike the validation ones)."""
+    passing = [row["threshold"] for row in sweep if row["precision"] >= precision]
+    return min(passing, default=None)
 
 
 def code_version() -> str:
@@ -112,9 +156,9 @@ def code_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=1700)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
@@ -122,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--evaluate", type=Path, help="print validation recall/precision of these weights"
     )
-    parser.add_argument("--every", type=int, default=250, help="validate every N steps")
+    parser.add_argument("--every", type=int, default=150, help="validate every N steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--max-seconds", type=float, default=None, help="stop early (the card records it)"
@@ -137,20 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     train_paths = [p for p in paths if p.name not in VALIDATION]
     val_paths = [p for p in paths if p.name in VALIDATION]
     held = load_images(val_paths)
-    val = batch(held, 64, 128, np.random.default_rng(SEED + 1))
+    val = batch(held, 80, 128, np.random.default_rng(SEED + 1))
     if args.evaluate is not None:
         return evaluate(args.evaluate, val)
     if args.out is None:
         parser.error("--out is required for training")
     train = load_images(train_paths)
-    print(f"train images {len(train)}, validation images {len(held)} (64 crops)", flush=True)
+    print(f"train images {len(train)}, validation images {len(held)} (80 crops)", flush=True)
 
     model = DefectUNet(args.width)
+    with torch.no_grad():  # start from the prior that damage is rare (as RetinaNet does)
+        model.defectunet.head.bias.fill_(-2.0)
     params = sum(p.numel() for p in model.parameters())
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
-    )
     args.out.mkdir(parents=True, exist_ok=True)
     history, started, running = [], time.time(), 0.0
     for step in range(1, args.steps + 1):
@@ -158,22 +201,44 @@ def main(argv: list[str] | None = None) -> int:
         loss = loss_fn(model.logits(x), y)
         optimiser.zero_grad()
         loss.backward()
+        done = step / args.steps
+        if args.max_seconds is not None:
+            done = max(done, (time.time() - started) / args.max_seconds)
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(args.lr, done)
         optimiser.step()
-        schedule.step()
         running += loss.item()
         if step % 50 == 0:
             print(f"step {step} loss {running / 50:.4f} {time.time() - started:.0f}s", flush=True)
             running = 0.0
-        out_of_time = args.max_seconds is not None and time.time() - started > args.max_seconds
+        out_of_time = done >= 1 and step < args.steps
         if step % args.every == 0 or step == args.steps or out_of_time:
             metrics = validate(model, val)
-            history.append({"step": step, **metrics})
-            print(f"validate step {step} {json.dumps(metrics)}", flush=True)
+            history.append(
+                {
+                    "step": step,
+                    "seconds": round(time.time() - started),
+                    "lr": optimiser.param_groups[0]["lr"],
+                    "sweep": metrics,
+                }
+            )
+            for row in metrics:
+                print(f"validate step {step} {json.dumps(row)}", flush=True)
             save(model, args, history, params, train_paths, val_paths, time.time() - started)
         if out_of_time:
             print(f"stopped at step {step} of {args.steps}: --max-seconds reached", flush=True)
             break
     return 0
+
+
+def learning_rate(peak: float, done: float) -> float:
+    """One cycle over the run: a 5 % linear warm-up to `peak`, then a cosine down to 1 %.
+    `done` is the share of the run behind us: of the steps, or of --max-seconds where that
+    comes first, so that a run on a busy shared CPU still anneals before its time is up."""
+    if done < 0.05:
+        return peak * (0.1 + 0.9 * done / 0.05)
+    cosine = (1 + math.cos(math.pi * min(1.0, (done - 0.05) / 0.95))) / 2
+    return peak * (0.01 + 0.99 * cosine)
 
 
 def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -182,8 +247,10 @@ def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor]) -> int:
     state = load_file(str(weights))
     model = DefectUNet(int(state["enc.0.0.weight"].shape[0]))
     model.load_state_dict(state)
-    for threshold in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        print(f"threshold {threshold}: {json.dumps(validate(model, val, threshold))}", flush=True)
+    sweep = validate(model, val)
+    for row in sweep:
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"chosen_threshold": choose_threshold(sweep)}), flush=True)
     return 0
 
 
@@ -192,6 +259,7 @@ def save(model, args, history, params, train_paths, val_paths, seconds) -> None:
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(args.out / "defectunet.safetensors"))
+    save_file(state, str(args.out / f"step-{history[-1]['step']}.safetensors"))
     card = {
         "model": "DefectUNet",
         "parameters": params,
@@ -207,8 +275,13 @@ def save(model, args, history, params, train_paths, val_paths, seconds) -> None:
         "steps": history[-1]["step"],
         "planned_steps": args.steps,
         "batch": args.batch,
+        "clean_share": CLEAN_SHARE,
+        "loss": "focal BCE (gamma 2) + Tversky (FP 0.6, FN 0.4), the grown ring ignored",
         "crop": args.size,
         "lr": args.lr,
+        "schedule": "5 % warm-up, cosine to 1 %, over the steps or --max-seconds, whichever "
+        "comes first (so the step count, not the seed alone, fixes the run)",
+        "max_seconds": args.max_seconds,
         "seed": SEED,
         "seconds": round(seconds),
         "threads": args.threads,

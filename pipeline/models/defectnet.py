@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DEFECT_ARCH", "DefectUNet", "defect_descriptor"]
+__all__ = ["DEFECT_ARCH", "FEATURES", "DefectUNet", "defect_descriptor", "features"]
 
 _MARKER = "defectunet.head.weight"  # a key no other architecture has
 
@@ -27,16 +27,41 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+# Sides of the square grey openings and closings whose residues are input features: a speck
+# or a scratch narrower than the side is what the opening (closing) removes.
+_MORPH_SIDES = (5, 11)
+FEATURES = 2 + 2 * len(_MORPH_SIDES)
+
+
+def _max(x: torch.Tensor, side: int) -> torch.Tensor:
+    half = side // 2
+    return F.max_pool2d(F.pad(x, (half, half, half, half), mode="replicate"), side, stride=1)
+
+
+def features(x: torch.Tensor) -> torch.Tensor:
+    """The luma centred by its local mean and by mid-grey (so that exposure and tone do not
+    matter), and the white and black top-hats at each side in _MORPH_SIDES: the classic dust
+    evidence (what sticks out brighter or darker than its surroundings), given to the network
+    so that its few parameters go to telling damage from highlights and texture."""
+    local = F.avg_pool2d(F.pad(x, (7, 7, 7, 7), mode="replicate"), 15, stride=1)
+    planes = [x - local, x - 0.5]
+    for side in _MORPH_SIDES:
+        opened = _max(-_max(-x, side), side)
+        closed = -_max(-_max(x, side), side)
+        planes += [x - opened, closed - x]
+    return torch.cat(planes, dim=1)
+
+
 class DefectUNet(nn.Module):
     """Four levels (widths w, 2w, 4w, 6w), max-pool down, bilinear up with skips; input
     (N, 1, H, W) luma in 0..1 with H and W multiples of 8, output (N, 1, H, W) probabilities.
-    The luma is centred by its local mean so that exposure and tone do not matter."""
+    The network sees `features` of the luma, not the luma itself."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         w = width
         self.width = width
-        self.enc = nn.ModuleList([_block(2, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
+        self.enc = nn.ModuleList([_block(FEATURES, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
         self.mid = _block(4 * w, 6 * w)
         self.dec = nn.ModuleList(
             [_block(6 * w + 4 * w, 4 * w), _block(4 * w + 2 * w, 2 * w), _block(2 * w + w, w)]
@@ -45,8 +70,7 @@ class DefectUNet(nn.Module):
         self.defectunet.head = nn.Conv2d(w, 1, 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.avg_pool2d(F.pad(x, (7, 7, 7, 7), mode="replicate"), 15, stride=1)
-        h = torch.cat([x - local, x - 0.5], dim=1)
+        h = features(x)
         skips = []
         for block in self.enc:
             h = block(h)

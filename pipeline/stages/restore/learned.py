@@ -13,7 +13,7 @@ from pipeline import buffers
 from pipeline.stages.restore.shared import BAND_ROWS, MAX_BYTES_IN_RAM
 from pipeline.tiling import Engine, TileSettings, luma, run_tiled
 
-__all__ = ["LEARNED_OVERLAP", "detect_learned"]
+__all__ = ["HALO", "LEARNED_OVERLAP", "detect_learned", "mask_from_probability"]
 
 # The U-Net sees 8 px at its coarsest level through 3x3 convolutions: 32 px of overlap keep
 # tiled probabilities within float rounding of whole-image ones.
@@ -21,8 +21,28 @@ LEARNED_OVERLAP = 32
 # The luma and the probabilities are one float per pixel each: past this they live on disk,
 # read and released band by band (a 50 MP scan's would be 200 MB each).
 _PLANE_BYTES_IN_RAM = 32 << 20
-# The mask is grown by this many pixels to cover the anti-aliased fringe of each defect.
+# Hysteresis: a detection (probability >= threshold) extends over up to _REACH pixels of
+# connected, less certain probability (>= _SUPPORT x threshold), the faint ends and edges of a
+# defect the network is sure of; then the mask is grown by _GROW pixels to cover the
+# anti-aliased fringe that grain hides from the network.
+_SUPPORT = 0.5
+_REACH = 2
 _GROW = 1
+HALO = _REACH + _GROW  # rows of context a band of the mask needs on each side
+
+
+def mask_from_probability(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """The uint8 mask (255 = repair) of a (H, W) probability plane; exact wherever the plane
+    extends HALO pixels beyond the rows and columns kept."""
+    seed = (probability >= threshold).astype(np.uint8)
+    if not seed.any():
+        return seed
+    support = (probability >= threshold * _SUPPORT).astype(np.uint8)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    for _ in range(_REACH):
+        seed = cv2.dilate(seed, cross) & support
+    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _GROW + 1,) * 2)
+    return cv2.dilate(seed, grow) * np.uint8(255)
 
 
 def detect_learned(
@@ -47,13 +67,10 @@ def detect_learned(
     mask = buffers.allocate(
         (height, width), np.uint8, max_bytes_in_ram=MAX_BYTES_IN_RAM, scratch_dir=scratch_dir
     )
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _GROW + 1,) * 2)
     for top in range(0, height, BAND_ROWS):
         bottom = min(height, top + BAND_ROWS)
-        start, stop = max(0, top - _GROW), min(height, bottom + _GROW)
-        band = (probability[start:stop, :, 0] >= threshold).astype(np.uint8) * 255
-        if band.any():
-            band = cv2.dilate(band, kernel)
+        start, stop = max(0, top - HALO), min(height, bottom + HALO)
+        band = mask_from_probability(np.asarray(probability[start:stop, :, 0]), threshold)
         mask[top:bottom] = band[top - start : top - start + bottom - top]
         buffers.release_rows(probability, start, stop)
         buffers.release_rows(mask, top, bottom)
