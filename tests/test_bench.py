@@ -262,6 +262,10 @@ def test_quick_colour_run_reports_every_kind_and_the_faded_copies(tmp_path):
                           "cyanotype", "selenium"}  # fmt: skip
     assert all(kind["images"] == 5 for kind in kinds.values())
     assert len(report["images"]) == 40 and len(report["faded"]) == 5
+    summary = report["summary"]  # bit-identical outputs are counted, per kind and in all
+    assert sum(kind["identical"] for kind in kinds.values()) == summary["all"]["identical"]
+    assert summary["all"]["identical"] == sum(row["identical"] for row in report["images"])
+    assert summary["faded_untouched"] == sum(faded["identical"] for faded in report["faded"])
     for faded in report["faded"]:
         assert faded["delta_e_before"] > 5  # the simulated fading is visible
     assert "faded (5): mean delta E" in done.stdout
