@@ -8,13 +8,14 @@ import hashlib
 import io
 import struct
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
 from conftest import shared_file
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageOps
 
-from daemon.web.previews import PreviewCache, Region, crop, fit, overview
+from daemon.web.previews import Pixels, PreviewCache, Region, crop, fit, overview
 from pipeline.files import sha256_file
 
 # ProPhoto RGB (ROMM): D50 white, its primaries' XYZ and a 1.8 gamma, as a v2 matrix/TRC
@@ -70,6 +71,10 @@ def _reference(rgb8: np.ndarray, icc: bytes) -> np.ndarray:
     return np.asarray(converted)
 
 
+def whole(pixels: Pixels) -> np.ndarray:
+    return pixels.window(0, pixels.shape[0], 0, pixels.shape[1])
+
+
 @pytest.fixture
 def cache(tmp_path) -> PreviewCache:
     return PreviewCache(tmp_path / "previews", max_bytes=64 << 20, max_pixels=50_000_000)
@@ -83,7 +88,7 @@ def test_a_16_bit_prophoto_tiff_previews_as_its_imagecms_srgb_conversion(tmp_pat
     path = tmp_path / "prophoto16.tif"
     tifffile.imwrite(path, samples, photometric="rgb", iccprofile=icc)
     before = sha256_file(path)
-    preview = np.asarray(cache.pixels(path, before))
+    preview = whole(cache.pixels(path, before))
     eight = ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     expected = _reference(eight, icc)
     assert preview.shape == expected.shape and preview.dtype == np.uint8
@@ -91,18 +96,25 @@ def test_a_16_bit_prophoto_tiff_previews_as_its_imagecms_srgb_conversion(tmp_pat
     # The profile mattered: ProPhoto samples shown as if sRGB would be far off.
     assert np.abs(eight.astype(int) - expected).mean() > 5
     assert sha256_file(path) == before  # only read
-    assert [p.parent for p in tmp_path.rglob("*.npy")] == [cache.folder] * 2
+    made = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p != path)
+    assert made == [f"{before}.overview.npy", f"{before}.tif"]
+    assert all(p.parent == cache.folder for p in tmp_path.rglob("*") if p.name in made)
 
 
 def test_a_16_bit_adobe_rgb_png_from_the_corpus_previews_through_its_profile(cache):
     path = shared_file("corpus/metadata_edge_cases/resr_tree_alpha_16bit.png")
     with Image.open(path) as image:
         icc = image.info["icc_profile"]
-        rgb = np.asarray(image.convert("RGB"))
+        truncated = np.asarray(image.convert("RGB"))  # Pillow keeps each sample's high byte
     assert b"Adobe RGB" in icc
-    preview = np.asarray(cache.pixels(path, sha256_file(path)))
-    assert np.abs(preview.astype(int) - _reference(rgb, icc)).max() <= 1
-    assert np.abs(preview.astype(int) - rgb).max() > 3
+    # The 16-bit samples through another decoder (OpenCV's libpng), rounded to 8 bits.
+    samples = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[:, :, 2::-1]
+    assert samples.dtype == np.uint16
+    eight = ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.abs(eight.astype(int) - truncated).max() <= 1
+    preview = whole(cache.pixels(path, sha256_file(path)))
+    assert np.abs(preview.astype(int) - _reference(eight, icc)).max() <= 1
+    assert np.abs(preview.astype(int) - eight).max() > 3
 
 
 def test_overviews_and_crops_are_cut_from_the_cache(tmp_path, cache):
@@ -112,7 +124,7 @@ def test_overviews_and_crops_are_cut_from_the_cache(tmp_path, cache):
     Image.fromarray(pixels).save(path)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     full = cache.pixels(path, sha)
-    assert np.array_equal(full, pixels)  # no profile: taken as sRGB, exactly
+    assert np.array_equal(whole(full), pixels)  # no profile: taken as sRGB, exactly
     small = cache.overview(path, sha)
     assert (small.shape[1], small.shape[0]) == fit(1500, 900, 2048) == (1500, 900)
     assert overview(small, (300, 180), Image.Resampling.LANCZOS).size == (300, 180)
@@ -130,8 +142,52 @@ def test_a_tiff_is_read_band_by_band_into_the_same_pixels(tmp_path, cache, layou
     samples = np.random.default_rng(1).integers(0, 65536, (600, 500, 3), dtype=np.uint16)
     path = tmp_path / "big.tif"
     tifffile.imwrite(path, samples, photometric="rgb", compression="zlib", **layout)
-    preview = np.asarray(cache.pixels(path, sha256_file(path)))
+    preview = whole(cache.pixels(path, sha256_file(path)))
     expected = ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     assert np.array_equal(preview, expected)
     small = cache.overview(path, sha256_file(path))
     assert small.shape == (600, 500, 3)
+
+
+def test_a_jpeg_overview_shrinks_while_decoding_and_makes_no_full_size_copy(tmp_path, cache):
+    rng = np.random.default_rng(2)
+    pixels = np.clip(
+        np.linspace(0, 255, 4200)[None, :, None] + rng.normal(0, 8, (2400, 4200, 3)), 0, 255
+    ).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    small = cache.overview(path, sha256_file(path))
+    assert (small.shape[1], small.shape[0]) == fit(4200, 2400, 2048)
+    with Image.open(path) as image:
+        expected = np.asarray(image.resize((small.shape[1], small.shape[0]), Image.LANCZOS))
+    assert np.abs(small.astype(int) - expected).mean() < 2
+    assert not list(cache.folder.glob("*.tif"))  # zoom crops alone render the full size
+
+
+def test_an_exif_rotated_jpeg_previews_upright(tmp_path, cache):
+    pixels = np.random.default_rng(3).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to show
+    Image.fromarray(pixels).save(path, quality=100, exif=exif)
+    assert cache.size(path) == (60, 100)
+    with Image.open(path) as image:
+        upright = np.asarray(ImageOps.exif_transpose(image))
+    preview = whole(cache.pixels(path, sha256_file(path)))
+    assert preview.shape == upright.shape == (100, 60, 3)
+    assert np.abs(preview.astype(int) - upright).mean() < 2
+
+
+def test_the_cache_drops_the_least_recently_used_beyond_its_bound(tmp_path):
+    rng = np.random.default_rng(4)
+    paths = []
+    for name in "abc":
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    cache = PreviewCache(tmp_path / "previews", max_bytes=1_200_000, max_pixels=10**6)
+    for path in paths:
+        cache.pixels(path, path.stem)  # ~960 KB each (copy and overview; noise)
+    left = sorted(p.name for p in cache.folder.iterdir())
+    assert left == ["c.overview.npy", "c.tif"]
+    assert sum(p.stat().st_size for p in cache.folder.iterdir()) <= 1_200_000

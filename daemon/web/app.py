@@ -156,10 +156,9 @@ def create_app(config: Config, roots: Roots, *, token: str, host: str) -> Starle
         if found is None:
             raise BadRequest(404, f"no published image {request.path_params['output_id']}")
         try:
-            out = site.previews.pixels(site.output_file(found.path), found.output_sha256)
-            size = (out.shape[1], out.shape[0])
+            size = site.previews.size(site.output_file(found.path))
             region, width = _region(request, size)
-            pixels = _layer_pixels(site, store, found, layer, out, overview=region is None)
+            pixels = _layer_pixels(site, store, found, layer, overview=region is None)
             resample = Image.Resampling.NEAREST if layer == "original" else None
             if region is None:
                 view = previews.fit(*size, width or previews.OVERVIEW_PX)
@@ -272,13 +271,11 @@ def _only(body: dict[str, Any], allowed: set[str]) -> None:
         raise BadRequest(422, f"unknown field {sorted(unknown)[0]!r}")
 
 
-def _layer_pixels(
-    site: Site, store: Any, found: Any, layer: str, out: Any, *, overview: bool
-) -> Any:
+def _layer_pixels(site: Site, store: Any, found: Any, layer: str, *, overview: bool) -> Any:
     """A layer's cached pixels: its overview, or its full size for a crop."""
     read = site.previews.overview if overview else site.previews.pixels
     if layer == "output":
-        return read(site.output_file(found.path), found.output_sha256) if overview else out
+        return read(site.output_file(found.path), found.output_sha256)
     if layer == "mask":
         mask = next((o for _, o in store.run_outputs(found.run_id) if o.kind == "mask"), None)
         if mask is None:

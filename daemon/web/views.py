@@ -83,16 +83,10 @@ class Site:
             return None
         if mask.output_sha256 not in self._shares:
             try:
-                pixels = self.previews.pixels(
-                    self.output_file(mask.path), mask.output_sha256, mask=True
-                )
+                share = self.previews.marked_share(self.output_file(mask.path))
             except PreviewError:
                 return None
-            marked = sum(
-                int(np.count_nonzero(pixels[row : row + 512] > 127))
-                for row in range(0, pixels.shape[0], 512)
-            )
-            self._shares[mask.output_sha256] = marked / max(1, pixels.shape[0] * pixels.shape[1])
+            self._shares[mask.output_sha256] = share
         return self._shares[mask.output_sha256]
 
     # ------------------------------------------------------------------ status
