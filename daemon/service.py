@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from daemon.config import Config, model_store, state_dir
+from daemon.config import Config, state_dir
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.ingest import IngestError, Intake
 from daemon.processing import code_version, recipe_of, signing_key
 from daemon.publish import Publisher, remove_stray_temps
 from daemon.queue import JobQueue
+from daemon.recipes import ChainChoice, Recipe, RecipeBook, RecipeError, prepare_models
 from daemon.schedule import Schedules
 from daemon.seen import Version, seen_versions
 from daemon.session import Session
@@ -29,9 +30,6 @@ from daemon.store import Store, open_database, utc_now
 from daemon.watcher import ReadyFile, Refusal, Watcher, safe_name
 from daemon.web.server import WebServer
 from daemon.worker import WorkerPool, Workers, WorkerSettings
-from pipeline.chain import Chain
-from pipeline.errors import HashMismatchError
-from pipeline.models import TrustedModels
 
 __all__ = ["Daemon", "DaemonError", "LockHeldError", "state_dir"]
 
@@ -44,18 +42,6 @@ class DaemonError(Exception):
 
 class LockHeldError(DaemonError):
     pass
-
-
-def _prepare_models(config: Config, chain: Chain) -> TrustedModels:
-    """The chain's models, each hashed once, before any image is taken: a tampered or truncated
-    file stops the start (exit 78) rather than failing every image one by one. Workers get
-    these hashes and check each file's bytes against them as they load."""
-    try:
-        return chain.prepare_models(model_store(config))
-    except HashMismatchError as exc:
-        raise DaemonError(
-            f"{exc}; the file was altered or cut short: fetch or import it again"
-        ) from exc
 
 
 @contextlib.contextmanager
@@ -139,14 +125,10 @@ class Daemon:
             max_worker_deaths=cfg.max_worker_deaths,
             clock=self._clock,
         )
-        chain = self.config.chain(self.preset)
-        models = _prepare_models(self.config, chain)
-        where = f"presets.{self.preset or self.config.pipeline.preset}"
-        chain.check_licences(
-            models,
-            self.config.models.allowed_licences,
-            path=where if self.preset or self.config.pipeline.preset else "pipeline.stages",
-        )
+        try:
+            chain, models = prepare_models(self.config, self.preset)
+        except RecipeError as exc:
+            raise DaemonError(str(exc)) from exc
         signing_key(self.config)  # a certificate and key that cannot sign stop the start
         recipe = recipe_of(self.config, chain, self.preset, models.expected)
         recipe_sha256 = store.record_recipe(recipe)
@@ -167,6 +149,9 @@ class Daemon:
             threads=self.config.processing.threads,
         )
         pool = self._workers(store, settings, recipe, recipe_sha256)
+        own = Recipe(recipe_sha256, ChainChoice(recipe["preset"], dict(recipe["models"])))
+        # Cluster workers are bound to the one recipe they were sent; local ones build any.
+        recipes = None if self.config.cluster.broker else RecipeBook(self.config, store, own)
         watcher = self._watcher(seen_versions(store, queue, recipe_sha256))
         schedules = self._schedules(watcher)
         session = Session(
@@ -176,6 +161,7 @@ class Daemon:
             pool=pool,
             publisher=publisher,
             recipe_sha256=recipe_sha256,
+            recipes=recipes,
             input_root=self.input,
             output_root=self.output,
             state_root=self.state,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from daemon.config import Config
 from daemon.logs import escape_controls
@@ -25,6 +26,7 @@ from daemon.publish import (
     remove_written,
 )
 from daemon.queue import Job, JobQueue
+from daemon.recipes import ChainChoice, RecipeBook, RecipeError
 from daemon.schedule import ActiveHours
 from daemon.store import Store
 from daemon.store.provenance import RunStatus
@@ -60,6 +62,7 @@ class Session:
         pool: Workers,
         publisher: Publisher,
         recipe_sha256: str,
+        recipes: RecipeBook | None,
         input_root: Path,
         output_root: Path,
         state_root: Path,
@@ -76,6 +79,7 @@ class Session:
         self.pool = pool
         self.publisher = publisher
         self.recipe_sha256 = recipe_sha256
+        self.recipes = recipes  # None: the workers run only the daemon's own recipe
         self.input = input_root
         self.output = output_root
         self.state = state_root
@@ -121,12 +125,8 @@ class Session:
             job = self.queue.claim(self._owner)
             if job is None:
                 return
-            if job.recipe_sha256 != self.recipe_sha256:
-                # Queued under an older recipe: the bytes still deserve the current one.
-                self.queue.enqueue(job.path, job.source_sha256, self.recipe_sha256)
-                self.queue.discard(
-                    job, "recipe changed", current_sha256=job.source_sha256, delay_seconds=0
-                )
+            choice = self._chain_for(job)
+            if choice is False:
                 continue
             done = (
                 None if job.force else self.store.done_run_for(job.source_sha256, job.recipe_sha256)
@@ -144,12 +144,38 @@ class Session:
                 stem=relative.stem,
                 recipe_sha256=job.recipe_sha256,
                 software=self.software,
+                chain=choice,
                 mask=self.config.daemon.mask_sidecar,
                 progress=str(progress_path(self.state, job.id)),
             )
             self._running[job.id] = _Running(job, task, self._clock())
             self.pool.submit(task)
             log.info("processing path=%s job=%d", safe_name(job.path), job.id)
+
+    def _chain_for(self, job: Job) -> ChainChoice | Literal[False] | None:
+        """The chain a claimed job is made with: None for the daemon's own recipe, another
+        preset's where the job was queued under it (reprocess with another preset). False where
+        the job left: queued again under the recipe it deserves now (its own preset's current
+        one, or the daemon's where its preset is gone), or failed because its preset's models
+        cannot be used (missing, altered, a licence not allowed; retried later)."""
+        if job.recipe_sha256 == self.recipe_sha256:
+            return None
+        target = self.recipe_sha256
+        if self.recipes is not None:
+            try:
+                recipe = self.recipes.recipe_for(job.recipe_sha256)
+            except RecipeError as exc:
+                log.error("failed path=%s error=%s", safe_name(job.path), _one_line(str(exc)))
+                self.queue.fail(job, str(exc))
+                self.failures += 1
+                return False
+            if recipe.sha256 == job.recipe_sha256:
+                return recipe.choice
+            target = recipe.sha256
+        # Queued under an older recipe: the bytes still deserve the current one.
+        self.queue.enqueue(job.path, job.source_sha256, target, force=job.force)
+        self.queue.discard(job, "recipe changed", current_sha256=job.source_sha256, delay_seconds=0)
+        return False
 
     def heartbeat(self) -> None:
         """Renew the leases of running jobs, every third of the lease."""

@@ -14,14 +14,19 @@ import traceback
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon import worker_entry
 from daemon.logs import log_to_stderr
 from daemon.processing import OutputSettings, Stamp, failure_of, process_image
 from daemon.progress import ProgressWriter
 from daemon.publish import WrittenFile, remove_written
+from daemon.recipes import ChainChoice
 from pipeline.files import sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.chain import Chain
+    from pipeline.models import TrustedModels
 
 __all__ = [
     "Outcome",
@@ -59,6 +64,7 @@ class Task:
     stem: str
     recipe_sha256: str
     software: str
+    chain: ChainChoice | None = None  # another preset's recipe; None: the worker's own
     mask: bool = True  # write the mask of invented pixels as a sidecar
     progress: str | None = None  # a file the worker keeps current (daemon.progress)
 
@@ -254,8 +260,9 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
 
 
 class Runner:
-    """Runs tasks with one chain and one set of trusted models, built once: the same code in a
-    local worker process and in a cluster worker."""
+    """Runs tasks with the worker's chain and trusted models, built once, or another preset's a
+    task names (built at its first task, then kept): the same code in a local worker process and
+    in a cluster worker."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         from daemon.config import Config, model_store
@@ -273,6 +280,20 @@ class Runner:
         # a weights file replaced since then fails as it loads (its bytes no longer match).
         self.models = TrustedModels(model_store(config), settings.models)
         self.ident = f"{socket.gethostname()}:{os.getpid()}"
+        self._chains: dict[str, tuple[Chain, TrustedModels]] = {}
+
+    def _chain_for(self, task: Task) -> tuple[Chain, TrustedModels]:
+        """The task's chain, and its models bound to the hashes the daemon verified."""
+        from daemon.config import model_store
+        from pipeline.models import TrustedModels
+
+        if task.chain is None:
+            return self.chain, self.models
+        if task.recipe_sha256 not in self._chains:
+            chain = self.config.chain(task.chain.preset)
+            models = TrustedModels(model_store(self.config), task.chain.models)
+            self._chains[task.recipe_sha256] = (chain, models)
+        return self._chains[task.recipe_sha256]
 
     def run(self, task: Task) -> Outcome:
         started = time.perf_counter()
@@ -299,11 +320,12 @@ class Runner:
         if (change := _source_change(task)) is not None:
             return Outcome(task, "changed", error=f"{change} since it was queued")
         dest = Path(task.dest_dir)
+        chain, models = self._chain_for(task)
         report = None
         if task.progress is not None:
-            report = ProgressWriter(Path(task.progress), len(self.chain.stages))
+            report = ProgressWriter(Path(task.progress), len(chain.stages))
         ctx = StageContext(
-            models=self.models,
+            models=models,
             device=self.device,
             precision=self.config.processing.precision,
             seed=self.config.processing.seed,
@@ -315,7 +337,7 @@ class Runner:
             Path(task.source),
             dest,
             task.stem,
-            chain=self.chain,
+            chain=chain,
             ctx=ctx,
             output=replace(OutputSettings.from_config(self.config), mask=task.mask),
             stamp=Stamp(task.software, task.run_token, task.recipe_sha256),

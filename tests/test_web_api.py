@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from webserver import REPO, State, server
 
@@ -115,6 +116,55 @@ def test_review_reprocess_and_retry_change_the_store_as_asked(state, url):
     retried = client.post(f"/api/jobs/{quarantined}/retry", json={})
     assert retried.status_code == 200, retried.text
     assert state.scalar("SELECT state FROM jobs WHERE id = ?", quarantined) == "queued"
+
+
+def test_reprocess_with_another_preset_makes_that_presets_version(tmp_path):
+    """The daemon runs preset `plain`; a version asked for under preset `bigger` (through the
+    API, and through the CLI) is made with bigger's chain and its verified model, and the
+    provenance names the preset. A job whose preset's model went missing fails, naming it."""
+    from modelfactory import tiny_compact
+
+    from pipeline.files import sha256_file
+
+    site = State(tmp_path)
+    bigger = tiny_compact(tmp_path / "tiny4x.pth", scale=4, seed=3)
+    plain, model = json.dumps(str(tmp_path / "tiny2x.pth")), json.dumps(str(bigger))
+    with site.config.open("a") as config:
+        config.write(
+            f'[[presets.plain]]\nkind = "upscale"\nmodel = {plain}\nscale = 2.0\n'
+            '[[presets.bigger]]\nkind = "restore"\n'
+            f'[[presets.bigger]]\nkind = "upscale"\nmodel = {model}\nscale = 4.0\n'
+        )
+    site.drop("bird.png")
+    site.drop("head.png", "corpus/sr_benchmark/Set5/HR/head.png")
+    assert site.cli("watch", "--once", "--preset", "plain") == 0
+    with server(site) as url:
+        client = _browser(url)
+        answer = client.post(
+            f"/api/outputs/{_image_id(site, 'bird.v1.png')}/reprocess", json={"preset": "bigger"}
+        )
+        assert answer.status_code == 200, answer.text
+    assert site.cli("reprocess", "head.png", "--preset", "bigger") == 0
+    assert site.cli("watch", "--once", "--preset", "plain") == 0
+    for name in ("bird", "head"):
+        sidecar = json.loads((site.out / f"{name}.v2.json").read_text())
+        assert sidecar["recipe"]["preset"] == "bigger"
+        assert [s["stage"] for s in sidecar["recipe"]["stages"]] == ["restore", "upscale"]
+        assert sidecar["recipe"]["models"] == {str(bigger): sha256_file(bigger)}
+        with (
+            Image.open(site.out / f"{name}.v2.png") as v2,
+            Image.open(site.scans / f"{name}.png") as source,
+        ):
+            assert v2.size == (source.width * 4, source.height * 4)
+    first = json.loads((site.out / "bird.v1.json").read_text())["recipe"]
+    assert first["preset"] == "plain" and [s["stage"] for s in first["stages"]] == ["upscale"]
+    # Through the CLI, with the preset's model gone after the job was queued.
+    assert site.cli("reprocess", "head.png", "--preset", "bigger") == 0
+    bigger.rename(tmp_path / "elsewhere.pth")
+    assert site.cli("watch", "--once", "--preset", "plain") == 1
+    assert not (site.out / "head.v3.png").exists()
+    error = site.scalar("SELECT last_error FROM jobs WHERE path = 'head.png' ORDER BY id DESC")
+    assert "preset bigger" in error and "tiny4x.pth" in error
 
 
 def test_every_api_route_is_in_the_openapi_document(url):

@@ -32,7 +32,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     retry.set_defaults(handler=_retry)
     reprocess = commands.add_parser("reprocess", help="make a new version of a source now")
     reprocess.add_argument("path", type=Path, metavar="PATH")
-    reprocess.add_argument("--preset", help="the preset the daemon runs, if not the config's")
+    reprocess.add_argument(
+        "--preset",
+        help="make the version with this preset (the running daemon builds its chain), "
+        "not the config's",
+    )
     reprocess.add_argument("--json", action="store_true")
     reprocess.set_defaults(handler=_reprocess)
     quarantine = commands.add_parser("quarantine", help="files set aside after repeated failure")
