@@ -4,6 +4,7 @@ holds a lease and whether it still lives (holders), and the queue with its job r
 from daemon.queue.holders import ProcessId, process_alive
 from daemon.queue.jobs import (
     ACTIVE_STATES,
+    QUARANTINED,
     STATES,
     Coverage,
     Enqueued,
@@ -17,6 +18,7 @@ from daemon.queue.schema import JOB_MIGRATIONS
 __all__ = [
     "ACTIVE_STATES",
     "JOB_MIGRATIONS",
+    "QUARANTINED",
     "STATES",
     "Coverage",
     "Enqueued",

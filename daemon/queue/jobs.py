@@ -23,6 +23,7 @@ from daemon.store import (
 
 __all__ = [
     "ACTIVE_STATES",
+    "QUARANTINED",
     "STATES",
     "Coverage",
     "Enqueued",
@@ -37,6 +38,7 @@ STATES: tuple[State, ...] = ("queued", "running", "done", "failed", "quarantined
 ACTIVE_STATES: tuple[State, ...] = ("queued", "running", "failed")  # still to be done
 _ACTIVE_SQL = "('queued', 'running', 'failed')"
 _RETRYABLE = ("failed", "quarantined")
+QUARANTINED = "quarantined"  # the kind of the event recorded at each quarantine
 
 
 class QueueError(Exception):
@@ -545,6 +547,14 @@ class JobQueue:
         )
 
     def _quarantine(self, job: Job, failures: int, deaths: int, error: str, reason: str) -> Job:
+        # The job row changes again on a retry; the event stays (what the quarantine counter
+        # of /metrics counts), in the same transaction as the state change.
+        self.store.record_event(
+            QUARANTINED,
+            path=job.path,
+            source_sha256=job.source_sha256,
+            detail={"job": job.id, "reason": reason},
+        )
         return self._set(
             job,
             state="quarantined",

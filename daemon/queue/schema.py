@@ -53,7 +53,17 @@ _PUBLICATION = """
 ALTER TABLE jobs ADD COLUMN publishing TEXT;
 """
 
+# Each quarantine is also an event (daemon.queue.jobs), so /metrics can count quarantines as a
+# counter although a retry releases the job. Files quarantined before this step get theirs here.
+_QUARANTINE_EVENTS = """
+INSERT INTO events (occurred_at, kind, path, source_sha256, detail_json)
+SELECT coalesce(finished_at, updated_at), 'quarantined', path, source_sha256,
+       json_object('job', id, 'reason', quarantine_reason)
+FROM jobs WHERE state = 'quarantined' ORDER BY id;
+"""
+
 JOB_MIGRATIONS: tuple[Migration, ...] = (
     Migration("0002_jobs", script(_JOBS)),
     Migration("0003_publication", script(_PUBLICATION)),
+    Migration("0007_quarantine_events", script(_QUARANTINE_EVENTS)),
 )

@@ -1,6 +1,6 @@
 """What monitoring and the dashboard count in the provenance tables: totals of files taken in,
-done, failed, duplicated and of worker deaths, fixity mismatches and the last output, and
-the stage timings and throughput of recent runs."""
+done, failed, duplicated, quarantined and of worker deaths, fixity mismatches and the last
+output, and the stage timings and throughput of recent runs."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class Totals:
     died: int  # runs whose worker died
     duplicates: int  # files linked to the outputs of the same bytes under another name
     fixity_mismatches: int
+    quarantined: int  # quarantines (events: a retry releases the job, the count stays)
     last_output_at: datetime | None
 
 
@@ -50,11 +51,12 @@ class Tallies(Provenance):
             "(SELECT count(*) FROM runs WHERE status = 'died'), "
             "(SELECT count(*) FROM events WHERE kind = 'duplicate'), "
             "(SELECT count(*) FROM events WHERE kind = ?), "
+            "(SELECT count(*) FROM events WHERE kind = 'quarantined'), "
             "(SELECT max(finished_at) FROM runs WHERE status = 'done')",
             (FIXITY_MISMATCH,),
         ).fetchone()
-        last = None if row[6] is None else datetime.fromisoformat(row[6])
-        return Totals(*row[:6], last_output_at=last)
+        last = None if row[7] is None else datetime.fromisoformat(row[7])
+        return Totals(*row[:7], last_output_at=last)
 
     def stage_timings(self, since: datetime | None = None) -> list[StageTiming]:
         """Every stage that ran in a done run (finished at or after `since`), oldest first.

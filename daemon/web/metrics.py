@@ -1,8 +1,8 @@
 """Prometheus metrics at /metrics, read from the database at each scrape (so they always agree
-with it, whichever process did the work): counters of files taken in, done, failed and
-duplicated, worker deaths, fixity mismatches and review decisions; gauges of the queue's
-depth by state and the files quarantined now; seconds per input megapixel by stage and model;
-the last output's time."""
+with it, whichever process did the work): counters of files taken in, done, failed, quarantined
+and duplicated, worker deaths, fixity mismatches and review decisions; a gauge of the queue's
+depth by state (`state="quarantined"`: the files quarantined now); seconds per input megapixel
+by stage and model; the last output's time."""
 
 from __future__ import annotations
 
@@ -51,17 +51,11 @@ class Metrics:
             ("files_done", totals.done, "Runs that published outputs."),
             ("files_failed", totals.failed, "Runs that failed."),
             ("files_duplicate", totals.duplicates, "Files linked to an existing output."),
+            ("files_quarantined", totals.quarantined, "Quarantines (a retry releases a file)."),
             ("worker_deaths", totals.died, "Runs whose worker process died."),
             ("fixity_mismatches", totals.fixity_mismatches, "Fixity audit hash mismatches."),
         ):
             yield CounterMetricFamily(f"scanrestore_{name}", text, value=value)
-        # A gauge, not a counter: a retry releases a file from quarantine, and the queue keeps
-        # no history of past quarantines to count.
-        yield GaugeMetricFamily(
-            "scanrestore_files_quarantined",
-            "Files quarantined now (a retry releases one).",
-            value=counts.get("quarantined", 0),
-        )
         depth = GaugeMetricFamily(
             "scanrestore_queue_depth", "Jobs in the queue by state.", labels=["state"]
         )
