@@ -14,6 +14,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -165,6 +166,50 @@ def test_reprocess_with_another_preset_makes_that_presets_version(tmp_path):
     assert not (site.out / "head.v3.png").exists()
     error = site.scalar("SELECT last_error FROM jobs WHERE path = 'head.png' ORDER BY id DESC")
     assert "preset bigger" in error and "tiny4x.pth" in error
+
+
+def test_a_face_stage_run_shows_its_face_crops_before_and_after_with_the_fidelity(tmp_path):
+    """A real face stage (the real RetinaFace mobilenet0.25 detector from ../shared, a narrow
+    random RestoreFormer of the real architecture) on the corpus's astronaut: the output's
+    JSON and page carry the face's box and the fidelity used, and its before/after crops are
+    served as PNGs that differ where the face was replaced."""
+    from io import BytesIO
+
+    from conftest import shared_file
+    from modelfactory import random_restoreformer
+
+    from daemon.web.previews import fit
+    from pipeline.models import ModelStore
+
+    detector = shared_file("weights/detection_mobilenet0.25_Final.pth")
+    cache = ModelStore(tmp_path / "cache")
+    cache.import_file(detector)  # its hash makes it retinaface-mobilenet0.25
+    cache.import_file(random_restoreformer(tmp_path / "rf.pth"), model_id="restoreformer-tiny")
+    face = {"kind": "face", "model": "restoreformer-tiny", "parser": "", "fidelity": 0.7}
+    face["detector"] = "retinaface-mobilenet0.25"
+    site = State(tmp_path, stages=[face])
+    site.drop("astronaut.png", "corpus/faces/whole_imgs/skimage_astronaut.png")
+    assert site.once() == 0
+    output_id = _image_id(site, "astronaut.v1.png")
+    with server(site) as url:
+        one = httpx.get(f"{url}/api/outputs/{output_id}").json()
+        assert [f["fidelity"] for f in one["faces"]] == [0.7]
+        x, y, w, h = one["faces"][0]["box"]
+        # Where the real detector finds the astronaut's face (tests/test_face.py), 512x512.
+        assert abs(x - 177) <= 3 and abs(y - 56) <= 3 and abs(w - 93) <= 4 and abs(h - 120) <= 4
+        page = httpx.get(f"{url}/outputs/{output_id}").text
+        assert 'id="faces"' in page and "fidelity 0.7" in page
+        crops = {}
+        for layer in ("lanczos", "output"):
+            src = f"/api/outputs/{output_id}/image/{layer}?x={x}&amp;y={y}&amp;w={w}&amp;h={h}"
+            src += "&amp;width=160"
+            assert src in page
+            answer = httpx.get(url + src.replace("&amp;", "&"))
+            assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+            crops[layer] = np.asarray(Image.open(BytesIO(answer.content)).convert("RGB"))
+    width, height = fit(w, h, 160)
+    assert crops["lanczos"].shape == crops["output"].shape == (height, width, 3)
+    assert np.abs(crops["lanczos"].astype(int) - crops["output"]).mean() > 5
 
 
 def test_every_api_route_is_in_the_openapi_document(url):

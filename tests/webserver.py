@@ -29,7 +29,13 @@ class State:
     """A watched folder, an output folder, a state folder and a config file."""
 
     def __init__(
-        self, root: Path, *, tile: int = 256, slow_model: bool = False, **web: object
+        self,
+        root: Path,
+        *,
+        tile: int = 256,
+        slow_model: bool = False,
+        stages: list[dict[str, object]] | None = None,
+        **web: object,
     ) -> None:
         self.root = root
         self.scans, self.out, self.state = root / "scans", root / "out", root / "state"
@@ -50,16 +56,14 @@ class State:
         for name, values in sections.items():
             lines.append(f"[{name}]")
             lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        lines += [
-            "[[pipeline.stages]]",
-            'kind = "restore"',
-            "sensitivity = 1.0",
-            "[[pipeline.stages]]",
-            'kind = "upscale"',
-            f"model = {json.dumps(str(model))}",
-            "scale = 2.0",
-            f"tile = {tile}",
-        ]
+        if stages is None:  # restore (a mask), then the tiny model's 2x
+            stages = [
+                {"kind": "restore", "sensitivity": 1.0},
+                {"kind": "upscale", "model": str(model), "scale": 2.0, "tile": tile},
+            ]
+        for stage in stages:
+            lines.append("[[pipeline.stages]]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in stage.items()]
         self.config.write_text("\n".join(lines) + "\n")
 
     def cli(self, *args: str) -> int:
