@@ -1,7 +1,10 @@
 """The review page in a real browser: Debian's headless Chromium driven by Playwright, against a
 real `scanrestore serve` over a state folder a real daemon run made. The dashboard's counts,
 the output page's viewer (divider, mask overlay, Lanczos view, 100 % zoom) and keyboard
-decisions that land in the database. Screenshots go to bench/results/ (the README shows them)."""
+decisions that land in the database. Screenshots go to bench/results/: web-*.latest.png on each
+run (ignored by git, so a test run leaves the checkout clean), and with
+SCANRESTORE_SCREENSHOTS=readme the committed web-dashboard.png and web-output.png the README
+shows."""
 
 from __future__ import annotations
 
@@ -73,11 +76,16 @@ def page(browser):
     assert not errors, f"script errors on the page: {errors}"
 
 
-def _save(png: bytes, name: str) -> None:
-    """A small committed screenshot: quantised to 256 colours."""
+def _save(png: bytes, name: str) -> Path:
+    """A small screenshot (quantised to 256 colours) as bench/results/NAME.latest.png, or as
+    the README's bench/results/NAME.png when SCANRESTORE_SCREENSHOTS=readme."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     image = Image.open(io.BytesIO(png)).convert("RGB").quantize(256, dither=Image.Dither.NONE)
-    image.save(RESULTS / name, optimize=True)
+    readme = os.environ.get("SCANRESTORE_SCREENSHOTS") == "readme"
+    path = RESULTS / f"{name}{'' if readme else '.latest'}.png"
+    image.save(path, optimize=True)
+    assert Image.open(path).size == image.size
+    return path
 
 
 def _shot(locator) -> np.ndarray:
@@ -94,7 +102,7 @@ def test_the_dashboard_shows_the_database_counts_and_refreshes_itself(state, url
         assert cell.inner_text() == str(counts.get(job_state, 0)), job_state
     page.locator("#quarantined tbody tr").first.wait_for()
     assert "broken.png" in page.locator("#quarantined").inner_text()
-    _save(page.screenshot(full_page=True), "web-dashboard.png")
+    _save(page.screenshot(full_page=True), "web-dashboard")
     # A change made elsewhere shows up without a reload.
     page.evaluate("window.notReloaded = true")
     with httpx.Client(base_url=url) as client:
@@ -181,7 +189,7 @@ def test_the_output_page_compares_overlays_and_zooms(state, url, page):
     page.mouse.up()
     page.locator("#mask-on").check()
     page.wait_for_function("() => document.querySelector('#mask').naturalWidth > 0")
-    _save(page.screenshot(), "web-output.png")
+    _save(page.screenshot(), "web-output")
 
 
 def test_keyboard_decisions_are_recorded_and_shown(state, url, page):
