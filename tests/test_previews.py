@@ -191,3 +191,27 @@ def test_the_cache_drops_the_least_recently_used_beyond_its_bound(tmp_path):
     left = sorted(p.name for p in cache.folder.iterdir())
     assert left == ["c.overview.npy", "c.tif"]
     assert sum(p.stat().st_size for p in cache.folder.iterdir()) <= 1_200_000
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+def test_a_webp_is_decoded_in_bands_that_equal_a_whole_decode(
+    tmp_path, cache, monkeypatch, lossless
+):
+    from daemon.web import webpbands
+
+    if not webpbands.available():
+        pytest.skip("no libwebp to load (neither the system's nor Pillow's)")
+    monkeypatch.setattr(webpbands, "_BAND_BYTES", 256 * 700 * 3)  # four bands, not one
+    rng = np.random.default_rng(5)
+    pixels = np.clip(
+        np.linspace(0, 255, 700)[None, :, None] + rng.normal(0, 20, (900, 700, 3)), 0, 255
+    ).astype(np.uint8)
+    path = tmp_path / "photo.webp"
+    Image.fromarray(pixels).save(path, lossless=lossless, quality=90)
+    size, rows = webpbands.bands(path)
+    bands = list(rows)
+    assert size == (700, 900) and [b.shape[0] for b in bands] == [256, 256, 256, 132]
+    with Image.open(path) as image:
+        decoded = np.asarray(image.convert("RGB"))
+    assert np.array_equal(np.concatenate(bands), decoded)  # also at the bands' edges
+    assert np.array_equal(whole(cache.pixels(path, sha256_file(path))), decoded)

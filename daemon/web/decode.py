@@ -1,6 +1,7 @@
 """Reading an original or an output a band of rows at a time, never whole: TIFF strip by strip or
-tile row by tile row (tifffile), PNG, JPEG and WebP through libvips' sequential loaders (pyvips),
-JPEG and WebP shrunk while they decode (DCT scaling, libwebp's) when only an overview is wanted."""
+tile row by tile row (tifffile), PNG and JPEG through libvips' sequential loaders (pyvips), WebP
+in cropped bands through libwebp (daemon.web.webpbands); JPEG and WebP shrunk while they decode
+(DCT scaling, libwebp's) when only an overview is wanted."""
 
 from __future__ import annotations
 
@@ -104,7 +105,20 @@ def bands(source: Source, *, shrink: int = 1) -> tuple[tuple[int, int], Iterator
     (rows, width) for grey, (rows, width, samples) otherwise."""
     if source.loader == "tiff":
         return (source.width, source.height), _tiff_bands(source)
+    if source.loader == "webpload" and shrink == 1 and not source.oriented:
+        from daemon.web import webpbands
+
+        cropped = webpbands.bands(source.path, unit=BAND_ROWS)
+        if cropped is not None:
+            return cropped[0], _reported(source, cropped[1])
     return _vips_bands(source, shrink)
+
+
+def _reported(source: Source, rows: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    try:
+        yield from rows
+    except OSError as exc:
+        raise DecodeError(str(exc)) from None
 
 
 def _vips_bands(source: Source, shrink: int) -> tuple[tuple[int, int], Iterator[np.ndarray]]:
