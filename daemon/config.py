@@ -218,6 +218,7 @@ class WebConfig(_Section):
     def _token(cls, value: str) -> str:
         if value and len(value) < 16:
             raise ValueError("must be at least 16 characters (or empty)")
+        return value
 
 
 class ClusterConfig(_Section):

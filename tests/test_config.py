@@ -42,6 +42,14 @@ def _documented_keys(text: str) -> set[str]:
     return keys
 
 
+def test_the_shipped_config_survives_the_trip_to_a_worker_and_the_page():
+    """Worker processes and the review page's process rebuild the config from its JSON dump;
+    every value (the shipped `token = ""` included) must come back as it was."""
+    config = load_config(SHIPPED)
+    assert config.web.token == ""
+    assert Config.model_validate(config.model_dump(mode="json")) == config
+
+
 def test_shipped_config_documents_every_option():
     text = SHIPPED.read_text()
     keys = _documented_keys(text)
