@@ -80,6 +80,36 @@ def test_ncnn_conversion_of_every_registered_upscaler_agrees_with_torch(
     assert psnr8(actual, expected) >= MIN_AGREEMENT_DB
 
 
+def test_an_upsampling_tail_run_band_by_band_gives_the_whole_calls_output(tmp_path, monkeypatch):
+    import pipeline.runtimes.ncnn as ncnn_engine
+
+    descriptor = _descriptor(tiny_rrdbnet(tmp_path / "m.pth"))
+    files = convert_ncnn(descriptor, "3" * 64, tmp_path / "cache")
+    engine = NcnnEngine(descriptor, files, threads=1)
+    assert engine.tail is not None and engine.tail.scale == 4 and engine.tail.halo == 3
+    batch = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(2))
+    whole = engine.infer(batch)
+    bands = []
+    original = engine._extract
+
+    def extract(name, pixels, blob):
+        bands.append((name, pixels.shape))
+        return original(name, pixels, blob)
+
+    monkeypatch.setattr(ncnn_engine, "BAND_PIXELS", 36 * 8)
+    monkeypatch.setattr(engine, "_extract", extract)
+    banded = engine.infer(batch)
+    assert [name for name, _ in bands] == ["in0"] + [engine.tail.blob] * 5  # 8-row bands
+    assert bands[1][1] == (8, 8 + 3, 36)  # the first band reads 3 rows of its neighbour
+    assert torch.equal(banded, whole)
+    reference = Engine(descriptor, device="cpu", precision="fp32").infer(batch)
+    assert (banded - reference).abs().max() < 1e-4
+    # Compact adds the upsampled input image at its end: its tail is not cut off the body.
+    compact = _descriptor(tiny_compact(tmp_path / "c.pth"))
+    compact_files = convert_ncnn(compact, "4" * 64, tmp_path / "c")
+    assert NcnnEngine(compact, compact_files, threads=1).tail is None
+
+
 def test_a_model_spandrel_calls_with_extra_inputs_is_not_converted(tmp_path):
     # spandrel calls DnCNN through its own function (a noise map for the FDnCNN variants):
     # writing only the module would run a different computation.

@@ -1,5 +1,6 @@
 """The ncnn engine: a spandrel model written as an ncnn network (pipeline.runtimes.ncnn_writer)
-and run on the CPU in fp32 with Winograd and sgemm convolutions, tile by tile."""
+and run on the CPU in fp32 with Winograd and sgemm convolutions, tile by tile; an upsampling
+tail (pipeline.runtimes.ncnn_tail) runs band by band over the body's output."""
 
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ from spandrel.__helpers.size_req import pad_tensor
 
 from pipeline.errors import StageError
 from pipeline.runtimes.converted import ConvertedModel, converted_model
+from pipeline.runtimes.ncnn_tail import Tail, find_tail
 from pipeline.runtimes.ncnn_writer import INPUT, OUTPUT, WRITER_VERSION, Unconvertible, write_ncnn
 
-__all__ = ["NcnnEngine", "convert_ncnn", "ncnn_version"]
+__all__ = ["BAND_PIXELS", "RUNTIME_REVISION", "NcnnEngine", "convert_ncnn", "ncnn_version"]
+
+# Body pixels per band of the tail. x4plus on a 192 px tile, one thread: whole, the first call
+# peaked at 1730 MB over the loaded net; body then 4 tail bands, 897 MB, same output bits.
+BAND_PIXELS = 8192
+# Bumped when the way this engine runs a converted net changes its speed or memory, so `auto`
+# measures again instead of trusting a decision taken on the old behaviour.
+RUNTIME_REVISION = 2
 
 
 def ncnn_version() -> str:
@@ -81,20 +90,43 @@ class NcnnEngine:
         if self._net.load_param(str(folder / "model.param")) != 0:
             raise StageError(f"ncnn: cannot load {folder / 'model.param'}")
         self._net.load_model(str(folder / "model.bin"))
+        self.tail: Tail | None = find_tail((folder / "model.param").read_text("ascii"), OUTPUT)
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         height, width = batch.shape[-2:]
         _, x = pad_tensor(batch, self.descriptor.size_requirements)
         outputs = []
         for image in x.float().numpy():
-            import ncnn
-
-            pixels = np.ascontiguousarray(image)  # kept alive: the Mat borrows its memory
-            extractor = self._net.create_extractor()
-            extractor.input(INPUT, ncnn.Mat(pixels))
-            status, out = extractor.extract(OUTPUT)
-            if status != 0:
-                raise StageError(f"ncnn: inference failed with status {status}")
-            outputs.append(torch.from_numpy(np.array(out)))
+            pixels = np.ascontiguousarray(image)
+            if self.tail is None or pixels.shape[1] * pixels.shape[2] <= BAND_PIXELS:
+                outputs.append(self._extract(INPUT, pixels, OUTPUT))
+            else:
+                body = self._extract(INPUT, pixels, self.tail.blob).numpy()
+                outputs.append(self._banded_tail(self.tail, body))
         y = torch.stack(outputs)[..., : height * self.scale, : width * self.scale]
         return y.clamp_(0, 1)
+
+    def _extract(self, name: str, pixels: np.ndarray, blob: str) -> torch.Tensor:
+        import ncnn
+
+        extractor = self._net.create_extractor()
+        extractor.input(name, ncnn.Mat(pixels))  # `pixels` outlives the Mat borrowing it
+        status, out = extractor.extract(blob)
+        if status != 0:
+            raise StageError(f"ncnn: inference failed at {blob} with status {status}")
+        return torch.from_numpy(np.array(out))
+
+    def _banded_tail(self, tail: Tail, body: np.ndarray) -> torch.Tensor:
+        """The tail over horizontal bands of the body's output, each read with `halo` rows of
+        its neighbours and cropped back: the same result as one call, a fraction of the peak."""
+        _, height, width = body.shape
+        rows = max(2 * tail.halo, BAND_PIXELS // width)
+        s = tail.scale
+        parts = []
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            lo, hi = max(0, top - tail.halo), min(height, bottom + tail.halo)
+            band = np.ascontiguousarray(body[:, lo:hi])
+            out = self._extract(tail.blob, band, OUTPUT)
+            parts.append(out[:, (top - lo) * s : (bottom - lo) * s])
+        return torch.cat(parts, dim=1)

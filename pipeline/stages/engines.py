@@ -93,8 +93,11 @@ class EngineCache:
         fallbacks: dict[str, str] = {}
         converted: dict[str, dict[str, Any]] = {}
         threads = torch.get_num_threads()
+        ncnn_runtime = None
         try:
-            from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
+            from pipeline.runtimes.ncnn import RUNTIME_REVISION, NcnnEngine, convert_ncnn
+
+            ncnn_runtime = RUNTIME_REVISION
             from pipeline.runtimes.ncnn_writer import Unconvertible
 
             files = convert_ncnn(base.descriptor, weights, cache_dir)
@@ -130,6 +133,7 @@ class EngineCache:
             "machine": machine(),
             "engines": versions,
             "memory_mb": memory_mb,
+            "ncnn_runtime": ncnn_runtime,
         }
         choice, measured, cached = calibrate(
             candidates,
