@@ -86,7 +86,7 @@ class RestoreStage:
     """Repair what time did to a print: JPEG artefacts, fading, casts, dust and scratches."""
 
     name: ClassVar[str] = "restore"
-    version: ClassVar[int] = 4
+    version: ClassVar[int] = 5
     Options: ClassVar[type[StageOptions]] = RestoreOptions
 
     def __init__(self, options: RestoreOptions | None = None) -> None:
