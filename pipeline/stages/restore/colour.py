@@ -326,7 +326,8 @@ def correct_colour(
             # reason we cannot name leave the tonal range unexplained too (stretching their
             # common range would only exaggerate the parting), and a range that is short with
             # no parting at all is a soft print, mist or a grade as often as a fade.
-            fade_doubts = [*fade_doubts, "no dye-fade evidence: " + ", ".join(cast_doubts)]
+            named = ", ".join(doubt.split(":")[0] for doubt in cast_doubts)
+            fade_doubts = [*fade_doubts, f"no dye-fade evidence: {named}"]
         if levels > 0.0 and balance == 0.0 and not fade_doubts:
             # The channels part too little for white balance's threshold: levels alone would
             # stretch a dye cast along with the range, so a fade goes only with its cast.
