@@ -79,6 +79,8 @@ class ProcessingConfig(_Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = 0
     threads: int = Field(0, ge=0)
+    # Inference engine of every model stage without an `engine` of its own.
+    engine: Literal["auto", "torch", "ncnn"] = "auto"
 
     @field_validator("device")
     @classmethod

@@ -328,6 +328,7 @@ class Runner:
             models=models,
             device=self.device,
             precision=self.config.processing.precision,
+            engine=self.config.processing.engine,
             seed=self.config.processing.seed,
             scratch_dir=dest,
             progress=None if report is None else report.tiles,

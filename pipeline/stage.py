@@ -35,6 +35,7 @@ class StageContext:
     models: Any  # pipeline.models.ModelStore; typed loosely to keep this module import-light
     device: str = "cpu"
     precision: str = "auto"
+    engine: str = "auto"  # [processing].engine: what a stage with no `engine` of its own uses
     seed: int = 0
     progress: Callable[[int, int], None] | None = None  # tiles done, of total
     on_stage: Callable[[str], None] | None = None  # a chain calls it as each stage starts

@@ -260,3 +260,27 @@ def test_ncnn_tiled_output_on_a_real_photo_agrees_with_whole_image_torch(ctx):
     assert tiled.params["engine"] == "ncnn"
     db = psnr8(np.asarray(tiled.image.pixels), np.asarray(reference.image.pixels))
     assert math.isinf(db) or db >= MIN_AGREEMENT_DB, db
+
+
+def test_stages_without_an_engine_of_their_own_use_the_processing_engine(tmp_path):
+    from pipeline.stages.denoise import DenoiseOptions, DenoiseStage
+
+    pixels = np.random.default_rng(4).random((24, 32, 3), dtype=np.float32)
+    store = ModelStore(tmp_path / "cache")
+    ncnn_ctx = StageContext(models=store, device="cpu", precision="fp32", engine="ncnn")
+    torch_ctx = StageContext(models=store, device="cpu", precision="fp32", engine="torch")
+    upscaler = tiny_compact(tmp_path / "c.pth")
+    upscale = UpscaleStage(UpscaleOptions(model=str(upscaler), tile=0))
+    assert upscale.run(_image(pixels), ncnn_ctx).params["engine"] == "ncnn"
+    assert upscale.run(_image(pixels), torch_ctx).params["engine"] == "torch"
+    own = UpscaleStage(UpscaleOptions(model=str(upscaler), tile=0, engine="torch"))
+    assert own.run(_image(pixels), ncnn_ctx).params["engine"] == "torch"
+    # A denoiser ncnn cannot run as spandrel calls it stays on torch, the reason recorded,
+    # under "ncnn" as under "auto" (where there is then nothing to measure torch against).
+    dncnn = tiny_dncnn(tmp_path / "d.pth")
+    options = DenoiseOptions(method="model", model=str(dncnn), tile=0)
+    for ctx in (ncnn_ctx, StageContext(models=store, device="cpu", precision="fp32")):
+        params = DenoiseStage(options).run(_image(pixels), ctx).params
+        assert params["engine"] == "torch"
+        assert params["engine_requested"] == ctx.engine
+        assert "not called as image -> image" in params["engine_fallback"]

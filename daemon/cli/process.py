@@ -96,6 +96,7 @@ def _process(args: argparse.Namespace, config: Config) -> int:
             models=models,
             device=device,
             precision=precision,
+            engine=config.processing.engine,
             seed=config.processing.seed,
             progress=bar.tiles if bar else None,
             scratch_dir=args.out,

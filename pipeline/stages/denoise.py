@@ -13,7 +13,12 @@ from pydantic import Field, model_validator
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult, check_tiling
-from pipeline.stages.engines import EngineCache, registered_loader
+from pipeline.stages.engines import (
+    DEFAULT_ENGINE_MEMORY_MB,
+    EngineCache,
+    centre_tile,
+    registered_loader,
+)
 from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
 __all__ = ["DenoiseOptions", "DenoiseStage"]
@@ -31,6 +36,9 @@ class DenoiseOptions(StageOptions):
     tile: int = Field(256, ge=0)
     overlap: int | Literal["auto"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # As upscale's: torch, ncnn or auto; None uses the context's ([processing].engine).
+    engine: Literal["auto", "torch", "ncnn"] | None = None
+    engine_memory_mb: int = Field(DEFAULT_ENGINE_MEMORY_MB, ge=64)
 
     @model_validator(mode="after")
     def _check(self) -> DenoiseOptions:
@@ -77,7 +85,7 @@ class DenoiseStage:
         grey = image.channels == 1
         ref = opts.grey_model if grey and opts.grey_model else opts.model
         ref = ref or ("dncnn-color-blind" if opts.method == "dncnn" else None)
-        engine, params = self._engine(ref, ctx)
+        engine, params = self._engine(ref, image, ctx)
         source = image.pixels
         via_rgb = grey and engine.in_channels == 3
         if via_rgb:
@@ -92,9 +100,18 @@ class DenoiseStage:
         tile = tiled.tile if opts.tile else 0
         return out, {**params, "tile": tile, "overlap": overlap, "greyscale_via_rgb": via_rgb}
 
-    def _engine(self, ref: str, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
+    def _engine(self, ref: str, image: Image, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
+        opts = self.options
         load = registered_loader(ctx, ref, _require_denoiser)
-        return self._engines.get(ref, ctx, self.options.precision, load)
+        return self._engines.get(
+            ref,
+            ctx,
+            opts.precision,
+            load,
+            engine=opts.engine or ctx.engine,
+            sample=lambda descriptor: centre_tile(image, descriptor, opts.tile, opts.overlap),
+            memory_mb=opts.engine_memory_mb,
+        )
 
 
 def _require_denoiser(descriptor: Any, ref: str) -> None:

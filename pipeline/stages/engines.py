@@ -15,12 +15,19 @@ import numpy as np
 import torch
 
 from pipeline.errors import StageError
+from pipeline.image import Image
 from pipeline.runtimes import ENGINES
 from pipeline.runtimes.calibration import DECISIONS_NAME, calibrate, machine
 from pipeline.stage import StageContext
-from pipeline.tiling import Engine, resolve_device, resolve_precision
+from pipeline.tiling import Engine, auto_overlap, resolve_device, resolve_precision
 
-__all__ = ["DEFAULT_ENGINE_MEMORY_MB", "EngineCache", "Loader", "registered_loader"]
+__all__ = [
+    "DEFAULT_ENGINE_MEMORY_MB",
+    "EngineCache",
+    "Loader",
+    "centre_tile",
+    "registered_loader",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +73,12 @@ class EngineCache:
     ) -> tuple[Engine, dict[str, Any]]:
         descriptor, params = load(device, torch.float32)
         chosen = resolve_precision(wanted, device, descriptor)
+        exact = descriptor  # what an fp16 tile that comes back NaN or black is run again on
         if chosen == "fp16":
             descriptor, params = load(device, torch.float16)
-        engine = Engine(descriptor, device=device, precision=chosen, compile=compile)
+        engine = Engine(
+            descriptor, device=device, precision=chosen, compile=compile, fp32_descriptor=exact
+        )
         params = {**params, "device": device, "precision": chosen, "compiled": compile}
         return engine, params
 
@@ -114,11 +124,11 @@ class EngineCache:
         except (ImportError, Unconvertible) as exc:
             fallbacks["ncnn"] = f"{type(exc).__name__}: {exc}"
             log.warning("%s: ncnn engine unavailable, using torch: %s", params.get("model"), exc)
-        if engine == "ncnn":
-            if "ncnn" not in candidates:
+        if engine == "ncnn" or len(candidates) == 1:
+            if "ncnn" not in candidates:  # nothing to measure torch against: torch, and why
                 return base, {
                     **torch_params,
-                    "engine_requested": "ncnn",
+                    "engine_requested": engine,
                     "engine_fallback": fallbacks["ncnn"],
                 }
             return candidates["ncnn"], {**params, "engine": "ncnn", **converted["ncnn"]}
@@ -159,6 +169,18 @@ class EngineCache:
             "engine_requested": "auto",
             "engine_calibration": calibration,
         }
+
+
+def centre_tile(image: Image, descriptor: Any, tile: int, overlap: int | str) -> np.ndarray:
+    """The calibration tile: one tile as run_tiled cuts it (tile + overlap a side), from the
+    middle of the image, grey repeated to RGB for an RGB model."""
+    extra = auto_overlap(descriptor) if overlap == "auto" else int(overlap)
+    size = (tile or 256) + extra
+    top, left = max(0, (image.height - size) // 2), max(0, (image.width - size) // 2)
+    crop = np.asarray(image.pixels[top : top + size, left : left + size], dtype=np.float32)
+    if crop.shape[2] == 1 and descriptor.input_channels == 3:
+        crop = np.repeat(crop, 3, axis=2)
+    return crop
 
 
 def _weights_key(params: dict[str, Any]) -> str:

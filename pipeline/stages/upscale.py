@@ -16,7 +16,12 @@ from pipeline import resample
 from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.stage import StageContext, StageOptions, StageResult, check_tiling
-from pipeline.stages.engines import DEFAULT_ENGINE_MEMORY_MB, EngineCache, registered_loader
+from pipeline.stages.engines import (
+    DEFAULT_ENGINE_MEMORY_MB,
+    EngineCache,
+    centre_tile,
+    registered_loader,
+)
 from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
 
 __all__ = ["UpscaleOptions", "UpscaleStage"]
@@ -37,7 +42,8 @@ class UpscaleOptions(StageOptions):
     compile: bool = False
     # torch, ncnn (fp32 CPU, falls back to torch with the reason when it cannot convert), or
     # auto: the fastest engine agreeing with torch fp32 on this machine, measured once.
-    engine: Literal["auto", "torch", "ncnn"] = "auto"
+    # None: the context's ([processing].engine).
+    engine: Literal["auto", "torch", "ncnn"] | None = None
     engine_memory_mb: int = Field(DEFAULT_ENGINE_MEMORY_MB, ge=64)
     max_ram_output_mb: int = Field(256, ge=16)
 
@@ -87,7 +93,13 @@ class UpscaleStage:
             max_bytes_in_ram=opts.max_ram_output_mb << 20,
             scratch_dir=ctx.scratch_dir,
         )
+        fallbacks = getattr(engine, "fp32_fallbacks", 0)
         tiled = run_tiled(engine, source, settings, progress=ctx.progress)
+        if engine.precision == "fp16":  # tiles run again in fp32 after a NaN/black fp16 output
+            model_params = {
+                **model_params,
+                "fp32_fallback_tiles": engine.fp32_fallbacks - fallbacks,
+            }
         size = (round(image.width * opts.scale), round(image.height * opts.scale))
         pixels = _resample(tiled.pixels, size, settings)
         if rgb:
@@ -129,24 +141,15 @@ class UpscaleStage:
             opts.precision,
             load,
             compile=opts.compile,
-            engine=opts.engine,
+            engine=opts.engine or ctx.engine,
             sample=lambda descriptor: self._sample(image, descriptor),
             memory_mb=opts.engine_memory_mb,
         )
 
     def _sample(self, image: Image, descriptor: Any) -> np.ndarray:
-        """The calibration tile: one tile as run_tiled cuts it, from the middle of the image."""
-        opts = self.options
         if image.channels == 3 and descriptor.input_channels == 1:
             raise StageError(f"upscale: model {self.options.model} takes greyscale input only")
-        overlap = auto_overlap(descriptor) if opts.overlap == "auto" else opts.overlap
-        size = (opts.tile or 256) + overlap
-        height, width = image.height, image.width
-        top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
-        crop = np.asarray(image.pixels[top : top + size, left : left + size], dtype=np.float32)
-        if crop.shape[2] == 1 and descriptor.input_channels == 3:
-            crop = np.repeat(crop, 3, axis=2)
-        return crop
+        return centre_tile(image, descriptor, self.options.tile, self.options.overlap)
 
     def _load_interpolated(
         self, ctx: StageContext, device: str, dtype: torch.dtype
