@@ -4,8 +4,9 @@
 
 Checks, then measures (each printed and written as JSON):
 1. `precision = "auto"` on CUDA picks fp16 where the architecture supports it.
-2. fp16 agrees with fp32 (PSNR after 8-bit rounding, tiled, on a real photo); outputs with NaN
-   or that come back black are counted and reported.
+2. fp16 agrees with fp32 (PSNR after 8-bit rounding, tiled, on a real photo); tiles the engine
+   ran again in fp32 after a NaN or black fp16 output are counted, and a final output with NaN
+   or black (which that fallback should make impossible) fails the run.
 3. A real CUDA out-of-memory (a whole-image call far beyond the card) halves the tile and
    completes.
 4. s/MP for x4plus and general-x4v3 at several tiles and the whole image, fp16 and fp32,
@@ -106,14 +107,17 @@ def check_model(
     engines = {"fp32": Engine(fp32, device=device, precision="fp32")}
     if device == "cuda" and fp32.supports_half:
         half = store.load(str(weights), device=device, dtype=torch.float16).descriptor
-        engines["fp16"] = Engine(half, device=device, precision="fp16")
+        engines["fp16"] = Engine(half, device=device, precision="fp16", fp32_descriptor=fp32)
     reference = None
     rows = []
     for precision, engine in engines.items():
         for tile in (0, 32) if dry else TILES:
             for batch in (1, 4) if tile else (1,):
                 settings = TileSettings(tile=tile, overlap=overlap if tile else 0, batch=batch)
+                fallbacks = engine.fp32_fallbacks
                 row = run_timed(engine, pixels, settings)
+                # Tiles the engine ran again in fp32 after a NaN/black fp16 output.
+                row["fp32_fallback_tiles"] = engine.fp32_fallbacks - fallbacks
                 output = row.pop("output")
                 if reference is None and precision == "fp32" and tile == 0:
                     reference = output

@@ -3,6 +3,7 @@ bounded by the tile and a row of tiles, never by the whole image."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -119,9 +120,21 @@ class Engine:
     channels-last (oneDNN's preferred layout; the layout change does not alter results) and
     bf16 runs under autocast so weights stay fp32.
     `compile` wraps the module with torch.compile (slow first call).
+    An fp16 call that comes back with NaN or inf (half overflow: the black outputs upstream
+    users meet), or black where its input is not, is run again in fp32; `fp32_fallbacks`
+    counts those calls. `fp32_descriptor` is the model's fp32 twin for that (else a copy of the
+    half weights is widened, which keeps their fp16 rounding).
     """
 
-    def __init__(self, descriptor: Any, *, device: str, precision: str, compile: bool = False):
+    def __init__(
+        self,
+        descriptor: Any,
+        *,
+        device: str,
+        precision: str,
+        compile: bool = False,
+        fp32_descriptor: Any = None,
+    ):
         self.descriptor = descriptor
         self.device = torch.device(device)
         self.precision = precision
@@ -139,6 +152,8 @@ class Engine:
             model = model.to(memory_format=torch.channels_last)
         self._module = torch.compile(model, dynamic=False) if compile else model
         self.compiled = compile
+        self.fp32_fallbacks = 0
+        self._fp32_module: Any = None if fp32_descriptor is None else fp32_descriptor.model
         # Called the way spandrel calls it: some forwards are not image -> image (FBCNN also
         # returns its quality estimate; FDnCNN/DRUNet take a noise-level map).
         self._call_fn = getattr(descriptor, "_call_fn", None) or (
@@ -150,7 +165,7 @@ class Engine:
         """Upscale an NCHW float32 batch in [0, 1]; returns float32 on the CPU, clamped."""
         height, width = batch.shape[-2:]
         _, x = pad_tensor(batch, self.descriptor.size_requirements)
-        x = x.to(self.device, non_blocking=True)
+        x = exact = x.to(self.device, non_blocking=True)
         if self.precision == "fp16":
             x = x.half()
         if self._channels_last:
@@ -160,8 +175,27 @@ class Engine:
                 y = self._call_fn(self._module, x)
         else:
             y = self._call_fn(self._module, x)
+        if self.precision == "fp16" and (why := _broken_half(x, y)) is not None:
+            log.warning("fp16 output %s on %s: running the tile again in fp32", why, self.device)
+            self.fp32_fallbacks += 1
+            y = self._call_fn(self._fp32(), exact)
         y = y[..., : height * self.scale, : width * self.scale]
         return y.float().clamp_(0, 1).cpu()
+
+    def _fp32(self) -> Any:
+        """An fp32 copy of the model, made the first time an fp16 call fails."""
+        if self._fp32_module is None:
+            self._fp32_module = copy.deepcopy(self.descriptor.model).float().eval()
+        return self._fp32_module
+
+
+def _broken_half(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """Why an fp16 output cannot be kept, or None."""
+    if not bool(torch.isfinite(y).all()):
+        return "has NaN or inf"
+    if float(y.max()) <= 1 / 255 < float(x.max()) - 16 / 255:
+        return "is black where its input is not"
+    return None
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -132,6 +133,34 @@ def test_out_of_memory_below_the_minimum_tile_is_raised(tmp_path):
     engine.limit = 8
     with pytest.raises(torch.OutOfMemoryError):
         run_tiled(engine, random_image(100, 100), TileSettings(tile=64, overlap=8))
+
+
+@pytest.mark.parametrize("failure", ["nan", "black"])
+def test_a_broken_fp16_tile_is_run_again_in_fp32(tmp_path, failure):
+    # The GPU is mocked: the fp16 model runs on the CPU, and its output is broken on the tiles
+    # the way half overflow breaks them (NaN, or black) while the fp32 copy runs for real.
+    path = tiny_compact(tmp_path / "c.pth", num_conv=1)
+    store = ModelStore(tmp_path / "cache")
+    half = store.load(str(path), dtype=torch.float16).descriptor
+    exact = store.load(str(path)).descriptor
+    engine = Engine(half, device="cpu", precision="fp16", fp32_descriptor=exact)
+    calls = []
+
+    def call(module, image):
+        calls.append(image.dtype)
+        if image.dtype == torch.float32:
+            return module(image)
+        out = torch.zeros(*image.shape[:2], image.shape[2] * 4, image.shape[3] * 4)
+        return out.fill_(math.nan) if failure == "nan" else out
+
+    engine._call_fn = call
+    image = random_image(48, 64)
+    result = run_tiled(engine, image, TileSettings(tile=32, overlap=8))
+    assert calls == [torch.float16, torch.float32] * result.tiles
+    assert engine.fp32_fallbacks == result.tiles
+    reference = engine_for(path, tmp_path)
+    expected = run_tiled(reference, image, TileSettings(tile=32, overlap=8)).pixels
+    np.testing.assert_allclose(result.pixels, expected, atol=1e-6)
 
 
 def test_auto_precision_is_exact_fp32_on_a_cpu_with_or_without_native_bf16(tmp_path, monkeypatch):
