@@ -18,9 +18,10 @@ from pipeline.runtimes.ncnn_writer import INPUT, OUTPUT, WRITER_VERSION, Unconve
 
 __all__ = ["BAND_PIXELS", "RUNTIME_REVISION", "NcnnEngine", "convert_ncnn", "ncnn_version"]
 
-# Body pixels per band of the tail. x4plus on a 192 px tile, one thread: whole, the first call
-# peaked at 1730 MB over the loaded net; body then 4 tail bands, 897 MB, same output bits.
-BAND_PIXELS = 8192
+# Body pixels per band of the tail. x4plus on a 320 px tile (256 + overlap 64), one thread:
+# whole, the first call peaked 4695 MB over the loaded net; in bands of 8192 or 4096 px, 1441 and
+# 1435 MB (the body's own peak), same output bits. Larger bands waste less on the 3-row halo.
+BAND_PIXELS = 16384
 # Bumped when the way this engine runs a converted net changes its speed or memory, so `auto`
 # measures again instead of trusting a decision taken on the old behaviour.
 RUNTIME_REVISION = 2
