@@ -19,7 +19,7 @@ import pytest
 import tifffile
 import torch
 from conftest import REPO, shared_file
-from modelfactory import tiny_compact
+from modelfactory import random_defectunet, tiny_compact
 
 from pipeline.models import ModelStore
 from pipeline.tiling import Engine, auto_overlap, tile_starts
@@ -244,6 +244,26 @@ def test_quick_restore_run_reports_damage_clean_change_and_detection(tmp_path):
     assert set(section["definitions"]) >= {"region", "clean_psnr", "grain_change_db"}
     assert section["summary"]["mean_region_before_db"] is not None
     assert "restore (defaults" in done.stdout
+
+
+def test_the_learned_restore_section_measures_the_weights_and_threshold_it_is_given(tmp_path):
+    shared_file("corpus/sr_benchmark/Set14/HR")
+    weights = random_defectunet(tmp_path / "candidate.safetensors")
+    out = tmp_path / "quality.json"
+    argv = ["--quick", "--sections", "restore-learned", "--detector-model", str(weights)]
+    argv += ["--threshold", "0.05", "--out", str(out), "--sheet", str(tmp_path / "s.png")]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quality.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    section = json.loads(out.read_text())["restore-learned"]
+    assert section["options"]["detector"] == "learned"
+    assert section["options"]["detector_model"] == str(weights)
+    assert section["options"]["threshold"] == 0.05
+    assert all(row["recall"] is not None for row in section["images"])
 
 
 def test_quick_colour_run_reports_every_kind_and_the_faded_copies(tmp_path):

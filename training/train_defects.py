@@ -166,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--evaluate", type=Path, help="print validation recall/precision of these weights"
     )
+    parser.add_argument(
+        "--card",
+        type=Path,
+        help="with --evaluate: write a card for these weights here (the run's card.json beside "
+        "the weights, plus these weights' step, SHA-256, sweep and chosen threshold)",
+    )
     parser.add_argument("--every", type=int, default=150, help="validate every N steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     held = load_images(val_paths)
     val = batch(held, 80, 128, np.random.default_rng(SEED + 1))
     if args.evaluate is not None:
-        return evaluate(args.evaluate, val)
+        return evaluate(args.evaluate, val, args.card)
     if args.out is None:
         parser.error("--out is required for training")
     train = load_images(train_paths)
@@ -241,8 +247,10 @@ def learning_rate(peak: float, done: float) -> float:
     return peak * (0.01 + 0.99 * cosine)
 
 
-def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor]) -> int:
+def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor], card: Path | None) -> int:
     from safetensors.torch import load_file
+
+    from pipeline.files import sha256_file
 
     state = load_file(str(weights))
     model = DefectUNet(int(state["enc.0.0.weight"].shape[0]))
@@ -250,7 +258,20 @@ def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor]) -> int:
     sweep = validate(model, val)
     for row in sweep:
         print(json.dumps(row), flush=True)
-    print(json.dumps({"chosen_threshold": choose_threshold(sweep)}), flush=True)
+    threshold = choose_threshold(sweep)
+    print(json.dumps({"chosen_threshold": threshold}), flush=True)
+    if card is not None:
+        run = json.loads((weights.parent / "card.json").read_text())
+        step = weights.stem.removeprefix("step-")
+        run["chosen"] = {
+            "weights": weights.name,
+            "step": int(step) if step.isdigit() else run["steps"],
+            "sha256": sha256_file(weights),
+            "threshold": threshold,
+            "threshold_rule": "the lowest validation threshold with precision >= 0.85",
+            "validation": sweep,
+        }
+        card.write_text(json.dumps(run, indent=2) + "\n")
     return 0
 
 
