@@ -564,6 +564,8 @@ def test_packaged_weights_verify_load_safely_and_are_never_written_or_removed(
     assert weights.is_file()
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     assert store.verify()[0].status == "mismatch"
+    weights.unlink()  # an install that lost its shipped weights
+    assert store.verify()[0].status == "missing"
 
 
 def test_list_reports_presence_without_hashing(tmp_path: Path) -> None:

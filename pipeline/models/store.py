@@ -387,14 +387,15 @@ class ModelStore:
     def verify(self) -> list[VerifyResult]:
         """Re-hash every cached file against its expected sha256.
 
-        Official models never fetched are not reported; a custom model whose file has vanished
-        is ("missing"), as is a file for an official model with no hash pinned ("unpinned").
+        Official models never fetched are not reported; a custom or packaged model whose file
+        has vanished is ("missing"), as is a file for an official model with no hash pinned
+        ("unpinned").
         """
         results = []
         for spec in self.specs().values():
             path = self.path_for(spec)
             if not path.is_file():
-                if spec.origin == "custom":
+                if spec.origin in ("custom", "package"):  # a broken install is news too
                     results.append(VerifyResult(spec, path, "missing", None))
                 continue
             actual = fingerprint(path)
