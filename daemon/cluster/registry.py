@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from daemon.store import Migration, Store, from_timestamp, script, timestamp
+from daemon.store import Migration, Store, script, timestamp
 
 __all__ = ["CLUSTER_MIGRATIONS", "WorkerRecord", "WorkerRegistry"]
 
@@ -112,17 +112,11 @@ class WorkerRegistry:
                 device=row["device"],
                 state=row["state"],
                 job=row["job"],
-                last_heartbeat_at=_at(row["last_heartbeat_at"]),
+                last_heartbeat_at=datetime.fromisoformat(row["last_heartbeat_at"]),
                 jobs_done=row["jobs_done"],
                 duplicates_dropped=row["duplicates_dropped"],
                 error=row["error"],
-                first_seen_at=_at(row["first_seen_at"]),
+                first_seen_at=datetime.fromisoformat(row["first_seen_at"]),
             )
             for row in rows
         ]
-
-
-def _at(text: str) -> datetime:
-    value = from_timestamp(text)
-    assert value is not None  # NOT NULL columns
-    return value

@@ -115,12 +115,8 @@ class Fixity(Provenance):
         if not summaries:
             return None
         summary = summaries[0]
-        started = _at(summary.detail["started_at"])
+        started = datetime.fromisoformat(summary.detail["started_at"])
         problems = self.events(kinds=FIXITY_PROBLEMS, since=started, until=summary.occurred_at)
         return FixityReport(
             started, summary.occurred_at, summary.detail["checked"], tuple(reversed(problems))
         )
-
-
-def _at(text: str) -> datetime:
-    return datetime.fromisoformat(text)

@@ -357,7 +357,7 @@ class Provenance(Connection):
         rows = self.conn.execute(
             "SELECT source_sha256, size, first_seen_at FROM sources ORDER BY first_seen_at, rowid"
         )
-        return [(sha, size, _at(seen)) for sha, size, seen in rows]
+        return [(sha, size, datetime.fromisoformat(seen)) for sha, size, seen in rows]
 
     def observations_of(self, source_sha256: str) -> list[Observation]:
         """Every observation of these bytes, under any path, oldest first."""
@@ -467,8 +467,8 @@ class Provenance(Connection):
             recipe_sha256=row["recipe_sha256"],
             recipe=json.loads(row["recipe_json"]),
             status=row["status"],
-            started_at=_at(row["started_at"]),
-            finished_at=_at(row["finished_at"]),
+            started_at=datetime.fromisoformat(row["started_at"]),
+            finished_at=datetime.fromisoformat(row["finished_at"]),
             device=row["device"],
             code_version=row["code_version"],
             error=row["error"],
@@ -515,7 +515,7 @@ class Provenance(Connection):
         return [
             Event(
                 id=row["id"],
-                occurred_at=_at(row["occurred_at"]),
+                occurred_at=datetime.fromisoformat(row["occurred_at"]),
                 kind=row["kind"],
                 path=None if row["path"] is None else path_from_db(row["path"]),
                 source_sha256=row["source_sha256"],
@@ -525,10 +525,6 @@ class Provenance(Connection):
         ]
 
 
-def _at(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
 def _observation(row: Mapping[str, Any]) -> Observation:
     return Observation(
         id=row["id"],
@@ -536,7 +532,7 @@ def _observation(row: Mapping[str, Any]) -> Observation:
         source_sha256=row["source_sha256"],
         size=row["size"],
         modified_at=from_timestamp(row["modified_at"]),
-        seen_at=_at(row["seen_at"]),
+        seen_at=datetime.fromisoformat(row["seen_at"]),
         mtime_ns=row["mtime_ns"],
         inode=row["inode"],
     )
