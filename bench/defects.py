@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.quality import as_bgr8, busiest_window  # noqa: E402
 from pipeline.image import decode  # noqa: E402
 from pipeline.models import ModelStore  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
@@ -53,27 +54,6 @@ def stage_for(detector: str, model: str | None = None, threshold: float = 0.5) -
 
 def context(cache: Path) -> StageContext:
     return StageContext(models=ModelStore(cache), device="cpu", precision="fp32")
-
-
-def busiest(mask: np.ndarray, size: int) -> tuple[int, int]:
-    """Top-left corner of the size x size window holding the most masked pixels."""
-    h, w = mask.shape
-    if h <= size or w <= size:
-        return 0, 0
-    counts = cv2.boxFilter((mask > 0).astype(np.float32), -1, (size, size), normalize=False)
-    half = size // 2
-    inner = counts[half : h - half, half : w - half]
-    y, x = np.unravel_index(int(np.argmax(inner)), inner.shape)
-    return int(y), int(x)
-
-
-def to_bgr8(pixels: np.ndarray) -> np.ndarray:
-    rgb = np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
-    if rgb.ndim == 2:
-        rgb = rgb[..., None]
-    if rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def sheet(
@@ -103,7 +83,8 @@ def sheet(
                 "defects": dust.get("defects"),
                 "seconds": seconds,
             })  # fmt: skip
-            y, x = busiest(mask, CELL)
+            # A photo no larger than a cell is shown from its corner.
+            y, x = busiest_window(mask > 0, CELL) if min(mask.shape) > CELL else (0, 0)
             window = (slice(y, y + CELL), slice(x, x + CELL))
             cells.append((share, path.stem, image.pixels[window], mask[window],
                           result.image.pixels[window]))  # fmt: skip
@@ -136,7 +117,7 @@ def render(chosen: list[tuple], detector: str) -> np.ndarray:
             left = gap + c * (CELL + gap)
             cv2.putText(canvas, title, (left + 2, top + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
                         (220, 230, 255), 1, cv2.LINE_AA)  # fmt: skip
-            tile = to_bgr8(pixels if pixels.dtype != np.uint8 else pixels / 255.0)
+            tile = as_bgr8(pixels if pixels.dtype != np.uint8 else pixels / 255.0)
             y0 = top + label
             canvas[y0 : y0 + tile.shape[0], left : left + tile.shape[1]] = tile
     return canvas

@@ -247,7 +247,7 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _GAP, _LABEL_H, _CAPTION_H = 4, 16, 20
 
 
-def _as_bgr8(pixels: np.ndarray) -> np.ndarray:
+def as_bgr8(pixels: np.ndarray) -> np.ndarray:
     rgb = np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
     if rgb.ndim == 2:
         rgb = rgb[..., None]
@@ -279,7 +279,7 @@ def render_sheet(rows: list[SheetRow], path: Path) -> dict[str, Any]:
                 1,
                 cv2.LINE_AA,
             )
-            tile = _as_bgr8(pixels)[:SHEET_CELL, :SHEET_CELL]
+            tile = as_bgr8(pixels)[:SHEET_CELL, :SHEET_CELL]
             y0 = top + _CAPTION_H + _LABEL_H
             canvas[y0 : y0 + tile.shape[0], left : left + tile.shape[1]] = tile
     path.parent.mkdir(parents=True, exist_ok=True)
