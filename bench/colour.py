@@ -119,17 +119,9 @@ def second_set_images(side: int) -> dict[str, np.ndarray]:
     frames at full resolution (facades, skies, shadows: pictures with no white or no black)."""
     files = sorted((CORPUS / "real_lr_hr_pairs" / "PolyU_real_noise").glob("*_mean.JPG"))
     files += sorted((CORPUS / "metadata_edge_cases").glob("exifsamples_*.jpg"))
-    images = {}
-    for path in files:
-        pixels = decode(path).pixels
-        if pixels.shape[2] == 3:
-            images[f"{path.parent.name}/{path.stem}"] = fit(pixels, side)
+    images, _ = whole_images(files, side)
     for path in sorted((CORPUS / "real_lr_hr_pairs" / "City100_NikonD5500").glob("*H.PNG")):
-        frame = decode(path).pixels
-        for top in range(0, frame.shape[0] - 255, 384):
-            for left in range(0, frame.shape[1] - 255, 384):
-                crop = frame[top : top + 256, left : left + 256]
-                images[f"crop/{path.stem}@{top},{left}"] = np.ascontiguousarray(crop)
+        images.update(grid_crops(path.stem, decode(path).pixels, 384))
     return images
 
 
@@ -144,22 +136,37 @@ def holdout_images(side: int) -> dict[str, np.ndarray]:
         edge / "gpen_selfie_2020-12-17_185036.jpg",
         edge / "gpen_selfie_IMG20180716171517.jpg",
     ]
-    images = {}
+    cut = (*files[-2:], edge / "gpen_selfie_20200320.101220.jpg", edge / "exifsamples_jolla.jpg")
+    images, kept = whole_images(files, side, keep=cut)
+    for path in cut:
+        frame = kept.pop(path) if path in kept else decode(path).pixels
+        images.update(grid_crops(path.stem, frame, 1024))
+    return images
+
+
+def whole_images(
+    files: list[Path], side: int, keep: tuple[Path, ...] = ()
+) -> tuple[dict[str, np.ndarray], dict[Path, np.ndarray]]:
+    """The colour photos among `files`, fitted to `side`, and the decoded pixels of those in
+    `keep` (photos also cut into crops, so each is decoded once)."""
+    images, kept = {}, {}
     for path in files:
         pixels = decode(path).pixels
+        if path in keep:
+            kept[path] = pixels
         if pixels.shape[2] == 3:
             images[f"{path.parent.name}/{path.stem}"] = fit(pixels, side)
-    for path in (
-        *files[-2:],
-        edge / "gpen_selfie_20200320.101220.jpg",
-        edge / "exifsamples_jolla.jpg",
-    ):
-        frame = decode(path).pixels
-        for top in range(0, frame.shape[0] - 255, 1024):
-            for left in range(0, frame.shape[1] - 255, 1024):
-                crop = frame[top : top + 256, left : left + 256]
-                images[f"crop/{path.stem}@{top},{left}"] = np.ascontiguousarray(crop)
-    return images
+    return images, kept
+
+
+def grid_crops(stem: str, frame: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    """Every 256 px crop of `frame` on a grid of `step` px."""
+    crops = {}
+    for top in range(0, frame.shape[0] - 255, step):
+        for left in range(0, frame.shape[1] - 255, step):
+            crop = frame[top : top + 256, left : left + 256]
+            crops[f"crop/{stem}@{top},{left}"] = np.ascontiguousarray(crop)
+    return crops
 
 
 def variants(name: str, rgb: np.ndarray) -> dict[str, np.ndarray]:
