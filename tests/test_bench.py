@@ -159,6 +159,16 @@ def test_city100_ratio_recovers_the_factor_a_blurred_copy_was_made_with():
     assert quality.city100_ratio(low, high) == pytest.approx(3.0)
 
 
+def run_bench(script: str, *argv: str) -> subprocess.CompletedProcess:
+    """Run bench/SCRIPT with these arguments as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_busiest_window_finds_the_textured_patch():
     weight = np.zeros((100, 120))
     weight[60:80, 30:50] = 1
@@ -169,12 +179,7 @@ def test_quick_upscale_run_writes_per_image_and_mean_scores_with_provenance(tmp_
     shared_file("corpus/sr_benchmark/Set5/LR_bicubic_X4")
     out, sheet = tmp_path / "quality.json", tmp_path / "sheet.png"
     argv = ["--quick", "--sections", "upscale", "--out", str(out), "--sheet", str(sheet)]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "quality.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_bench("quality.py", *argv)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["command"].endswith("bench/quality.py " + " ".join(argv))
@@ -223,12 +228,7 @@ def test_quick_restore_run_reports_damage_clean_change_and_detection(tmp_path):
         "--sheet",
         str(tmp_path / "s.png"),
     ]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "quality.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_bench("quality.py", *argv)
     assert done.returncode == 0, done.stderr
     section = json.loads(out.read_text())["restore"]
     assert [row["image"].split("/")[0] for row in section["images"]] == ["Set5", "Set14"]
@@ -252,12 +252,7 @@ def test_the_learned_restore_section_measures_the_weights_and_threshold_it_is_gi
     out = tmp_path / "quality.json"
     argv = ["--quick", "--sections", "restore-learned", "--detector-model", str(weights)]
     argv += ["--threshold", "0.05", "--out", str(out), "--sheet", str(tmp_path / "s.png")]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "quality.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_bench("quality.py", *argv)
     assert done.returncode == 0, done.stderr
     section = json.loads(out.read_text())["restore-learned"]
     assert section["options"]["detector"] == "learned"
@@ -269,12 +264,7 @@ def test_the_learned_restore_section_measures_the_weights_and_threshold_it_is_gi
 def test_quick_colour_run_reports_every_kind_and_the_faded_copies(tmp_path):
     shared_file("corpus/sr_benchmark/Set5/HR")
     out = tmp_path / "colour.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "colour.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_bench("colour.py", "--quick", "--out", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     kinds = report["summary"]["kinds"]
