@@ -437,8 +437,11 @@ def rss_child(job: RssJob) -> int:
         detail, error = {}, repr(exc)
     seconds = time.perf_counter() - started
     megapixels = float(np.prod(detail.get("input_size", [0]))) / 1e6
+    # The kernel keeps RSS in per-CPU counters that it reads approximately, so the baseline's
+    # VmRSS can exceed a later VmHWM by a few pages; the process was resident at the baseline.
+    peak = max(peak_rss_mb() or baseline, baseline)
     job.report.write_text(json.dumps({
-        "route": job.route, "error": error, "peak_rss_mb": peak_rss_mb(),
+        "route": job.route, "error": error, "peak_rss_mb": peak,
         "baseline_rss_mb": baseline, "seconds": round(seconds, 2),
         "s_per_mp": round(seconds / megapixels, 2) if megapixels else None, **detail,
     }))  # fmt: skip
