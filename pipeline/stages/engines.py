@@ -18,6 +18,7 @@ from pipeline.errors import StageError
 from pipeline.image import Image
 from pipeline.runtimes import ENGINES
 from pipeline.runtimes.calibration import DECISIONS_NAME, calibrate, machine
+from pipeline.runtimes.ncnn_writer import Unconvertible
 from pipeline.stage import StageContext
 from pipeline.tiling import Engine, auto_overlap, resolve_device, resolve_precision
 
@@ -108,8 +109,6 @@ class EngineCache:
             from pipeline.runtimes.ncnn import RUNTIME_REVISION, NcnnEngine, convert_ncnn
 
             ncnn_runtime = RUNTIME_REVISION
-            from pipeline.runtimes.ncnn_writer import Unconvertible
-
             files = convert_ncnn(base.descriptor, weights, cache_dir)
             # With other work on the cores, one ncnn thread per worker can beat several
             # (measured here: 1.5x faster at load 10 on 2 cores): `auto` times both.
