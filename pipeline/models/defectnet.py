@@ -34,8 +34,11 @@ FEATURES = 2 + 2 * len(_MORPH_SIDES)
 
 
 def _max(x: torch.Tensor, side: int) -> torch.Tensor:
+    """The maximum over the square window `side` wide around each pixel (edges replicated), as
+    a row pass and a column pass: the same values as one square pass, several times faster."""
     half = side // 2
-    return F.max_pool2d(F.pad(x, (half, half, half, half), mode="replicate"), side, stride=1)
+    rows = F.max_pool2d(F.pad(x, (half, half, 0, 0), mode="replicate"), (1, side), stride=1)
+    return F.max_pool2d(F.pad(rows, (0, 0, half, half), mode="replicate"), (side, 1), stride=1)
 
 
 def features(x: torch.Tensor) -> torch.Tensor:
