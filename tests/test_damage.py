@@ -81,3 +81,19 @@ def test_a_forbidden_folder_is_refused(tmp_path, monkeypatch):
     (forbidden / "x.tif").write_bytes(b"")
     with pytest.raises(ValueError, match="not allowed as training data"):
         dmg.training_images(Path(tmp_path / "Set14"))
+
+
+def test_graphics_are_drawn_seeded_and_are_never_the_target():
+    photo = clean_crop()
+    page = dmg.graphics(128, np.random.default_rng(11), photo=photo)
+    again = dmg.graphics(128, np.random.default_rng(11), photo=photo)
+    np.testing.assert_array_equal(page, again)
+    assert page.shape == (128, 128, 3) and page.dtype == np.float32
+    assert page.min() >= 0 and page.max() <= 1
+    # Text, rules and outlines are drawn: the page has sharp strokes, not a flat fill.
+    luma = page @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert np.abs(np.diff(luma, axis=1)).max() > 0.3
+    # They are content to leave alone: undamaged, the target is empty.
+    assert not dmg.damage(page, np.random.default_rng(2), amount=0.0).mask.any()
+    hurt = dmg.damage(page, np.random.default_rng(2), amount=3.0)
+    assert 0 < hurt.mask.mean() < 0.5

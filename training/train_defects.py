@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out is required for training")
     train = load_images(train_paths)
-    print(f"train images {len(train)}, validation images {len(held)} (80 crops)", flush=True)
+    print(
+        f"train images {len(train)}, validation images {len(held)} "
+        f"(80 + {VALIDATION_GRAPHICS} crops)",
+        flush=True,
+    )
 
     if args.precision == "auto":
         args.precision = "bf16" if cpu_has_fast_bf16() else "fp32"
