@@ -1,11 +1,13 @@
 """CPU upscale benchmark: our tiled engine beside upstream Real-ESRGAN, measured in one run.
 
-    python bench/upscale.py [--quick] [--bf16] [--compile] [--engines torch,ncnn] [--threads 2]
+    python bench/upscale.py [--quick] [--bf16] [--compile] [--engines torch,ncnn,openvino,auto]
+        [--threads 2]
         [--reps 1] [--models x4plus,general-x4v3] [--rss-sizes 1,4,16]
         [--out bench/results/upscale.json]
 
 1. Throughput (s and MP/s per input megapixel) per model, tile size, engine and precision, for
-   pipeline.tiling (torch, and ncnn with its conversion time) and for upstream's RealESRGANer
+   pipeline.tiling (torch; ncnn and OpenVINO with their conversion times; `auto`: what the
+   upscale stage picks here, its cold-cache first use timed) and for upstream's RealESRGANer
    (_reference.py), on the same real photos.
 2. Agreement: PSNR after 8-bit rounding of every tiled output against our fp32 whole-image one.
 3. Peak RSS and seconds of decode -> upscale x4 -> 16-bit TIFF, one fresh process per size.
@@ -106,7 +108,7 @@ class Row:
     # Per photo, vs our fp32 whole-image output (None: identical; empty: this is that output).
     psnr_db: dict[str, float | None]
     compiled: bool = False
-    engine: str = "torch"  # pipeline.runtimes: torch or ncnn
+    engine: str = "torch"  # pipeline.runtimes: torch, ncnn, openvino, or auto:<its choice>
     s_per_mp: float = field(init=False)
     mp_per_s: float = field(init=False)
     speedup_vs_upstream: float | None = None
@@ -289,6 +291,57 @@ def ncnn_engines(bench: Bench, case: Case, descriptor: Any, info: dict[str, Any]
     return [first, single]
 
 
+def openvino_engines(bench: Bench, case: Case, descriptor: Any, info: dict[str, Any]) -> list[Any]:
+    """OpenVINO at f32 inference precision and, where bf16 is native (or --bf16), at bf16; the
+    conversion timed into a fresh cache (a cold start)."""
+    from pipeline.runtimes.openvino import OpenVinoEngine, convert_openvino
+
+    started = time.perf_counter()
+    converted = convert_openvino(descriptor, case.name, bench.workdir / "converted" / case.name)
+    info["openvino_conversion_s"] = round(time.perf_counter() - started, 3)
+    info["openvino_sha256"] = converted.sha256
+    threads = torch.get_num_threads()
+    engines = [OpenVinoEngine(descriptor, converted, threads=threads)]
+    if bench.bf16 or cpu_has_fast_bf16():
+        engines.append(OpenVinoEngine(descriptor, converted, threads=threads, precision="bf16"))
+    return engines
+
+
+class _Named:
+    """An engine under another name in the table (what `auto` chose, labelled as such)."""
+
+    def __init__(self, engine: Any, name: str) -> None:
+        self._engine, self.name = engine, name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._engine, attribute)
+
+
+def auto_engine(case: Case, images: list[np.ndarray], tile: int, workdir: Path) -> tuple[Any, dict]:
+    """What the upscale stage's `engine = "auto"` picks on this machine at `tile`, with a cold
+    cache: conversions and calibration on the first photo's centre tile, as a first image pays."""
+    from pipeline.image import Image, Metadata
+    from pipeline.stage import StageContext
+    from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
+
+    ctx = StageContext(models=ModelStore(workdir / f"auto-{case.name}-{tile}"), device="cpu")
+    stage = UpscaleStage(UpscaleOptions(model=str(case.weights), tile=tile, engine="auto"))
+    image = Image(pixels=images[0], alpha=None, bit_depth=8, format="png", metadata=Metadata())
+    started = time.perf_counter()
+    engine, params = stage.engine_for(image, ctx)
+    calibration = params.get("engine_calibration", {})
+    info = {
+        "tile": tile,
+        "engine": params["engine"],
+        "precision": params["precision"],
+        "choice": calibration.get("choice", params["engine"]),
+        "first_use_s": round(time.perf_counter() - started, 2),
+        "calibration": calibration,
+    }
+    log(f"{case.name} auto at tile {tile}: {info['choice']} after {info['first_use_s']} s")
+    return _Named(engine, f"auto:{info['choice']}"), info
+
+
 def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
     """Every method at every tile size for one model, methods interleaved per tile size so
     that each ratio compares measurements taken moments apart."""
@@ -301,10 +354,17 @@ def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
     info: dict[str, Any] = {}
     if "ncnn" in bench.engines:
         engines += ncnn_engines(bench, case, descriptor, info)
+    if "openvino" in bench.engines:
+        engines += openvino_engines(bench, case, descriptor, info)
     for tile in case.tiles:
         measures = [
             lambda e=e, t=tile: measure_ours(e, images, t, bench.reps, refs)[0] for e in engines
         ]
+        if "auto" in bench.engines:
+            chosen, info[f"auto_tile_{tile}"] = auto_engine(case, images, tile, bench.workdir)
+            measures.insert(
+                0, lambda e=chosen, t=tile: measure_ours(e, images, t, bench.reps, refs)[0]
+            )
         if bench.upstream is not None:
             measures.append(lambda t=tile: measure_upstream(bench, case, images, t, refs))
         rows += [_guarded(bench, case, tile, measure) for measure in measures]
@@ -597,7 +657,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=1, help="timed passes; the fastest counts")
     parser.add_argument("--bf16", action="store_true", help="measure bf16 even where emulated")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
-    parser.add_argument("--engines", default="torch,ncnn", help="engines beside upstream")
+    parser.add_argument(
+        "--engines", default="torch,ncnn,openvino,auto", help="engines beside upstream"
+    )
     parser.add_argument("--rss-sizes", help="input megapixels, e.g. 1,4,16 ('' to skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     # Internal: the fresh process that bench_rss starts for each size.

@@ -80,7 +80,7 @@ class ProcessingConfig(_Section):
     seed: int = 0
     threads: int = Field(0, ge=0)
     # Inference engine of every model stage without an `engine` of its own.
-    engine: Literal["auto", "torch", "ncnn"] = "auto"
+    engine: Literal["auto", "torch", "ncnn", "openvino"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -105,11 +105,11 @@ class PipelineConfig(_Section):
 # Built-in presets; config.toml ships the same lists (a test keeps them equal) for users to copy
 # and edit, and a `[[presets.NAME]]` list in a config file adds or replaces one by name.
 PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
-    # Faithful: gentle grain-keeping denoise, dust/fade repair, no generated faces, 2x.
+    # Faithful: gentle grain-keeping denoise, dust/fade repair, no generated faces, 2x, exact fp32.
     "archival": (
         {"kind": "denoise", "method": "nlm", "h": 5.0, "strength": 0.5},
         {"kind": "restore"},
-        {"kind": "upscale", "model": "realesrgan-x2plus", "scale": 2.0},
+        {"kind": "upscale", "model": "realesrgan-x2plus", "scale": 2.0, "precision": "fp32"},
     ),
     # Family albums: clean-up, restored faces, 4x for printing.
     "family": (

@@ -304,3 +304,16 @@ def test_gpu_bench_dry_run_checks_every_step_on_the_cpu(tmp_path, capsys):
         assert report["models"][name]["auto_precision"] == "fp32"  # the CPU never runs fp16
     assert report["oom"]["tile_used"] == 32 < report["oom"]["asked_tile"]
     assert "out of memory" in capsys.readouterr().out
+
+
+def test_the_auto_row_times_what_the_upscale_stage_picks_from_a_cold_cache(tmp_path):
+    weights = tiny_compact(tmp_path / "compact.pth")
+    images = [photo(64, 64)]
+    case = bench.Case("tiny", weights, 64, 1, (32,))
+    engine, info = bench.auto_engine(case, images, 32, tmp_path)
+    assert engine.name == f"auto:{info['choice']}"
+    assert info["calibration"]["cached"] is False and info["first_use_s"] > 0
+    measured = {m["engine"] for m in info["calibration"]["measurements"]}
+    assert {"torch", "openvino"} <= measured and info["choice"] in measured
+    row, _ = bench.measure_ours(engine, images, 32, reps=1)
+    assert row.engine == engine.name and row.tiles > 1

@@ -194,7 +194,8 @@ def test_models_bench_measures_the_engines_once_and_shows_what_auto_picks(capsys
     report = json.loads(capsys.readouterr().out)
     assert report["cached"] is False and report["tile"] == [72, 72]  # tile + the auto overlap
     engines = {m["engine"]: m for m in report["measurements"]}
-    assert {"torch", "ncnn"} <= set(engines) <= {"torch", "ncnn", "ncnn@1"}
+    assert {"torch", "ncnn", "openvino"} <= set(engines)
+    assert set(engines) <= {"torch", "ncnn", "ncnn@1", "openvino", "torch-bf16", "openvino-bf16"}
     assert report["choice"] == min(engines.values(), key=lambda m: m["seconds"])["engine"]
     assert main(argv) == 0
     table = capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""Inference engines: the ncnn writer agrees with torch for every registered upscale
-architecture, converted models are cached and hash-checked, `auto` calibrates, picks, caches and
-records its choice, and a model the writer cannot convert falls back to torch with the reason."""
+"""Inference engines: the ncnn writer and OpenVINO's converter agree with torch for every
+registered upscale architecture, converted models are cached and hash-checked, `auto` calibrates,
+picks, caches and records its choice, and a model an engine cannot convert falls back to torch
+with the reason."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pipeline.models.registry import REGISTRY
 from pipeline.runtimes import MIN_AGREEMENT_DB, psnr8
 from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
 from pipeline.runtimes.ncnn_writer import Unconvertible
+from pipeline.runtimes.openvino import OpenVinoEngine, convert_openvino
 from pipeline.stage import StageContext
 from pipeline.stages.upscale import UpscaleOptions, UpscaleStage
 from pipeline.tiling import Engine
@@ -31,6 +33,9 @@ pytest.importorskip("ncnn")
 BUILDERS = {"ESRGAN": tiny_rrdbnet, "Compact": tiny_compact}
 # RRDBNet below x4 pixel-unshuffles its input (reflect-padded first): not written yet.
 UNCONVERTIBLE = {("ESRGAN", 2)}
+# What `auto` may time: ncnn at the torch threads and at one, openvino, and bf16 twins where the
+# CPU has native bf16 kernels.
+AUTO_CANDIDATES = {"torch", "ncnn", "ncnn@1", "openvino", "torch-bf16", "openvino-bf16"}
 
 
 def _descriptor(path):
@@ -118,10 +123,11 @@ def test_a_model_spandrel_calls_with_extra_inputs_is_not_converted(tmp_path):
         convert_ncnn(descriptor, "1" * 64, tmp_path / "cache")
 
 
-def test_converted_model_is_reused_from_the_cache_and_refused_when_tampered(tmp_path):
+@pytest.mark.parametrize("convert", [convert_ncnn, convert_openvino], ids=["ncnn", "openvino"])
+def test_converted_model_is_reused_from_the_cache_and_refused_when_tampered(tmp_path, convert):
     descriptor = _descriptor(tiny_compact(tmp_path / "m.pth"))
-    first = convert_ncnn(descriptor, "2" * 64, tmp_path / "cache")
-    again = convert_ncnn(descriptor, "2" * 64, tmp_path / "cache")
+    first = convert(descriptor, "2" * 64, tmp_path / "cache")
+    again = convert(descriptor, "2" * 64, tmp_path / "cache")
     assert first.converted and not again.converted
     assert again.sha256 == first.sha256 and again.folder == first.folder
     weights = first.folder / "model.bin"
@@ -129,7 +135,23 @@ def test_converted_model_is_reused_from_the_cache_and_refused_when_tampered(tmp_
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(HashMismatchError, match=r"model\.bin"):
-        convert_ncnn(descriptor, "2" * 64, tmp_path / "cache")
+        convert(descriptor, "2" * 64, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(("architecture", "scale"), _registered_upscalers())
+def test_openvino_conversion_of_every_registered_upscaler_keeps_fp32_and_agrees_with_torch(
+    tmp_path, architecture, scale
+):
+    descriptor = _descriptor(BUILDERS[architecture](tmp_path / "m.pth", scale=scale))
+    files = convert_openvino(descriptor, "0" * 64, tmp_path / "cache")
+    # OpenVINO's save_model halves weights to fp16 by default: exact mode stores them as fp32.
+    parameters = sum(p.numel() for p in descriptor.model.parameters())
+    assert len(files.files["model.bin"]) >= 4 * parameters
+    batch = torch.rand(1, 3, 37, 45, generator=torch.Generator().manual_seed(1))
+    expected = Engine(descriptor, device="cpu", precision="fp32").infer(batch).numpy()
+    actual = OpenVinoEngine(descriptor, files, threads=1).infer(batch).numpy()
+    assert actual.shape == expected.shape == (1, 3, 37 * scale, 45 * scale)
+    assert np.abs(actual - expected).max() < 1e-4
 
 
 def test_unconvertible_model_falls_back_to_torch_with_the_reason(tmp_path, ctx):
@@ -152,14 +174,23 @@ def test_auto_calibrates_picks_caches_and_records_its_choice(tmp_path, ctx):
     params = json.loads(json.dumps(first.params))
     calibration = params["engine_calibration"]
     measured = {m["engine"]: m for m in calibration["measurements"]}
-    assert {"torch", "ncnn"} <= set(measured) <= {"torch", "ncnn", "ncnn@1"}
-    assert all(m["seconds"] > 0 and m["passed"] for m in measured.values())
-    fastest = min(measured.values(), key=lambda m: m["seconds"])["engine"]
+    assert {"torch", "ncnn", "openvino"} <= set(measured) <= AUTO_CANDIDATES
+    exact = [m for name, m in measured.items() if not name.endswith("-bf16")]
+    assert all(m["seconds"] > 0 and m["passed"] for m in exact)
+    # bf16 twins (only on CPUs with native bf16) pass only at >= 50 dB, and say why not.
+    for m in measured.values():
+        assert m["passed"] == (m["agreement_db"] is None or m["agreement_db"] >= MIN_AGREEMENT_DB)
+        assert m["passed"] or "dB <" in m["reason"]
+    fastest = min((m for m in measured.values() if m["passed"]), key=lambda m: m["seconds"])
+    fastest = fastest["engine"]
     assert calibration["choice"] == fastest
-    assert params["engine"] == fastest.split("@")[0]
+    assert params["engine"] == fastest.split("@")[0].removesuffix("-bf16")
+    assert params["precision"] == ("bf16" if fastest.endswith("-bf16") else "fp32")
     assert calibration["cached"] is False
     if fastest.startswith("ncnn"):
         assert set(params["converted_sha256"]) == {"model.param", "model.bin"}
+    if fastest.startswith("openvino"):
+        assert set(params["converted_sha256"]) == {"model.xml", "model.bin"}
         assert params["engine_threads"] == (1 if fastest == "ncnn@1" else calibration["threads"])
     # A new stage (a new worker) reuses the recorded decision instead of measuring again.
     second = UpscaleStage(options).run(_image(pixels), ctx)
@@ -250,14 +281,15 @@ def test_the_process_peak_survives_the_reset_a_calibration_makes():
     assert peak_rss_mb() >= before  # ... and the process's peak is still known
 
 
-def test_ncnn_tiled_output_on_a_real_photo_agrees_with_whole_image_torch(ctx):
+@pytest.mark.parametrize("engine", ["ncnn", "openvino"])
+def test_tiled_output_of_each_engine_on_a_real_photo_agrees_with_whole_image_torch(ctx, engine):
     weights = shared_file("weights/realesr-general-x4v3.from-ncnn.pth")
     pixels = _photo(96, 128)
     options = {"model": str(weights), "tile": 64}
-    tiled = UpscaleStage(UpscaleOptions(engine="ncnn", **options)).run(_image(pixels), ctx)
+    tiled = UpscaleStage(UpscaleOptions(engine=engine, **options)).run(_image(pixels), ctx)
     whole = UpscaleStage(UpscaleOptions(engine="torch", model=str(weights), tile=0))
     reference = whole.run(_image(pixels), ctx)
-    assert tiled.params["engine"] == "ncnn"
+    assert tiled.params["engine"] == engine
     db = psnr8(np.asarray(tiled.image.pixels), np.asarray(reference.image.pixels))
     assert math.isinf(db) or db >= MIN_AGREEMENT_DB, db
 
@@ -268,10 +300,12 @@ def test_stages_without_an_engine_of_their_own_use_the_processing_engine(tmp_pat
     pixels = np.random.default_rng(4).random((24, 32, 3), dtype=np.float32)
     store = ModelStore(tmp_path / "cache")
     ncnn_ctx = StageContext(models=store, device="cpu", precision="fp32", engine="ncnn")
+    openvino_ctx = StageContext(models=store, device="cpu", precision="fp32", engine="openvino")
     torch_ctx = StageContext(models=store, device="cpu", precision="fp32", engine="torch")
     upscaler = tiny_compact(tmp_path / "c.pth")
     upscale = UpscaleStage(UpscaleOptions(model=str(upscaler), tile=0))
     assert upscale.run(_image(pixels), ncnn_ctx).params["engine"] == "ncnn"
+    assert upscale.run(_image(pixels), openvino_ctx).params["engine"] == "openvino"
     assert upscale.run(_image(pixels), torch_ctx).params["engine"] == "torch"
     own = UpscaleStage(UpscaleOptions(model=str(upscaler), tile=0, engine="torch"))
     assert own.run(_image(pixels), ncnn_ctx).params["engine"] == "torch"
@@ -279,7 +313,8 @@ def test_stages_without_an_engine_of_their_own_use_the_processing_engine(tmp_pat
     # under "ncnn" as under "auto" (where there is then nothing to measure torch against).
     dncnn = tiny_dncnn(tmp_path / "d.pth")
     options = DenoiseOptions(method="model", model=str(dncnn), tile=0)
-    for ctx in (ncnn_ctx, StageContext(models=store, device="cpu", precision="fp32")):
+    auto_ctx = StageContext(models=store, device="cpu", precision="fp32")
+    for ctx in (ncnn_ctx, openvino_ctx, auto_ctx):
         params = DenoiseStage(options).run(_image(pixels), ctx).params
         assert params["engine"] == "torch"
         assert params["engine_requested"] == ctx.engine

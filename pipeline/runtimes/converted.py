@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.errors import HashMismatchError, ModelError
 from pipeline.files import write_atomically
 
-__all__ = ["ConvertedModel", "converted_model"]
+__all__ = ["ConvertedModel", "called_plainly", "converted_model"]
 
 _MANIFEST = "manifest.json"
 
@@ -74,3 +74,10 @@ def _verified(folder: Path, manifest_path: Path) -> ConvertedModel:
             raise HashMismatchError(f"converted model {path}", expected, actual)
         files[file] = data
     return ConvertedModel(folder, files, hashes, converted=False)
+
+
+def called_plainly(descriptor: Any) -> bool:
+    """True when spandrel calls the model as model(image) (its default), not with extra inputs
+    or outputs (FBCNN's quality estimate, FDnCNN's noise map)."""
+    call = getattr(descriptor, "_call_fn", None)
+    return call is None or "ModelDescriptor.__init__" in getattr(call, "__qualname__", "")

@@ -12,7 +12,7 @@ import torch
 from spandrel.__helpers.size_req import pad_tensor
 
 from pipeline.errors import StageError
-from pipeline.runtimes.converted import ConvertedModel, converted_model
+from pipeline.runtimes.converted import ConvertedModel, called_plainly, converted_model
 from pipeline.runtimes.ncnn_tail import Tail, find_tail
 from pipeline.runtimes.ncnn_writer import INPUT, OUTPUT, WRITER_VERSION, Unconvertible, write_ncnn
 
@@ -36,7 +36,7 @@ def ncnn_version() -> str:
 def convert_ncnn(descriptor: Any, weights_sha256: str, cache_dir: Path) -> ConvertedModel:
     """The model's ncnn files, cached by weights hash and writer/ncnn versions (ncnn's input
     shape is dynamic, so one conversion serves every tile). Raises Unconvertible."""
-    if not _called_plainly(descriptor):
+    if not called_plainly(descriptor):
         raise Unconvertible(f"{descriptor.architecture.id} is not called as image -> image")
     key = {
         "engine": "ncnn",
@@ -51,13 +51,6 @@ def convert_ncnn(descriptor: Any, weights_sha256: str, cache_dir: Path) -> Conve
         return {"model.param": network.param, "model.bin": network.weights}
 
     return converted_model(cache_dir, key, convert)
-
-
-def _called_plainly(descriptor: Any) -> bool:
-    """True when spandrel calls the model as model(image) (its default), not with extra inputs
-    or outputs (FBCNN's quality estimate, FDnCNN's noise map)."""
-    call = getattr(descriptor, "_call_fn", None)
-    return call is None or "ModelDescriptor.__init__" in getattr(call, "__qualname__", "")
 
 
 class NcnnEngine:

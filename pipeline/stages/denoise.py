@@ -37,7 +37,7 @@ class DenoiseOptions(StageOptions):
     overlap: int | Literal["auto"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # As upscale's: torch, ncnn or auto; None uses the context's ([processing].engine).
-    engine: Literal["auto", "torch", "ncnn"] | None = None
+    engine: Literal["auto", "torch", "ncnn", "openvino"] | None = None
     engine_memory_mb: int = Field(DEFAULT_ENGINE_MEMORY_MB, ge=64)
 
     @model_validator(mode="after")
@@ -111,6 +111,7 @@ class DenoiseStage:
             engine=opts.engine or ctx.engine,
             sample=lambda descriptor: centre_tile(image, descriptor, opts.tile, opts.overlap),
             memory_mb=opts.engine_memory_mb,
+            bit_depth=image.bit_depth,
         )
 
 

@@ -1,5 +1,5 @@
 """Engines for model stages: load the weights, pick the precision and the inference engine
-(torch, ncnn, or `auto`: measured on the machine), build one engine per (model, device,
+(torch, ncnn, openvino, or `auto`: measured on the machine), build one engine per (model, device,
 precision, engine) and keep it for the stage's lifetime."""
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from pipeline.runtimes import ENGINES
 from pipeline.runtimes.calibration import DECISIONS_NAME, calibrate, machine
 from pipeline.runtimes.ncnn_writer import Unconvertible
 from pipeline.stage import StageContext
-from pipeline.tiling import Engine, auto_overlap, resolve_device, resolve_precision
+from pipeline.tiling import (
+    Engine,
+    auto_overlap,
+    cpu_has_fast_bf16,
+    resolve_device,
+    resolve_precision,
+)
 
 __all__ = [
     "DEFAULT_ENGINE_MEMORY_MB",
@@ -55,18 +61,25 @@ class EngineCache:
         engine: str = "torch",
         sample: Callable[[Any], np.ndarray] | None = None,
         memory_mb: float = DEFAULT_ENGINE_MEMORY_MB,
+        bit_depth: int = 16,
     ) -> tuple[Any, dict[str, Any]]:
         """The engine for `ref` on the context's device; `precision` "auto" defers to the
         context's. fp16 loads a half copy (the store shares fp32 weights between stages).
-        `engine` "auto" calibrates on `sample(descriptor)`, a real tile (H, W, C float32)."""
+        `engine` "auto" calibrates on `sample(descriptor)`, a real tile (H, W, C float32); for an
+        image of `bit_depth` 8 or less under precision "auto" on a CPU with native bf16 kernels,
+        it also times bf16 twins, kept only where they agree with fp32 at >= 50 dB."""
         if engine not in ENGINES:
             raise StageError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
         device = resolve_device(ctx.device)
         wanted = precision if precision != "auto" else ctx.precision
-        key = (ref, device, wanted, engine)
+        # bf16 keeps 8 bits of mantissa: a candidate for 8-bit images only, never for 16-bit
+        # masters (errors of 2^-9, 1/8 of a 12-bit step), and only where the CPU runs it natively
+        # (emulated on AVX2, ~10x slower).
+        bf16 = wanted == "auto" and bit_depth <= 8 and device == "cpu" and cpu_has_fast_bf16()
+        key = (ref, device, wanted, engine, str(bf16))
         if key not in self._engines:
             base, params = self._torch(ref, device, wanted, load, compile)
-            self._engines[key] = self._choose(base, params, ctx, engine, sample, memory_mb)
+            self._engines[key] = self._choose(base, params, ctx, engine, sample, memory_mb, bf16)
         return self._engines[key]
 
     def _torch(
@@ -91,12 +104,15 @@ class EngineCache:
         engine: str,
         sample: Callable[[Any], np.ndarray] | None,
         memory_mb: float,
+        bf16: bool,
     ) -> tuple[Any, dict[str, Any]]:
         torch_params = {**params, "engine": "torch", "engine_version": torch.__version__}
         if engine == "torch":
             return base, torch_params
         if base.device.type != "cpu" or base.precision != "fp32" or base.compiled:
-            reason = f"ncnn runs fp32 on the CPU here, not {base.precision} on {base.device}"
+            reason = (
+                f"ncnn and openvino run fp32 on the CPU here, not {base.precision} on {base.device}"
+            )
             return base, {**torch_params, "engine_requested": engine, "engine_fallback": reason}
         cache_dir = Path(ctx.models.cache_dir)
         weights = _weights_key(params)
@@ -105,32 +121,48 @@ class EngineCache:
         converted: dict[str, dict[str, Any]] = {}
         threads = torch.get_num_threads()
         ncnn_runtime = None
-        try:
-            from pipeline.runtimes.ncnn import RUNTIME_REVISION, NcnnEngine, convert_ncnn
+        if engine in ("ncnn", "auto"):
+            try:
+                from pipeline.runtimes.ncnn import RUNTIME_REVISION, NcnnEngine, convert_ncnn
 
-            ncnn_runtime = RUNTIME_REVISION
-            files = convert_ncnn(base.descriptor, weights, cache_dir)
-            # With other work on the cores, one ncnn thread per worker can beat several
-            # (measured here: 1.5x faster at load 10 on 2 cores): `auto` times both.
-            for count in sorted({threads, 1}, reverse=True):
-                label = "ncnn" if count == threads else f"ncnn@{count}"
-                candidates[label] = NcnnEngine(base.descriptor, files, threads=count)
-                converted[label] = {
-                    "engine_version": candidates[label].version,
-                    "engine_threads": count,
-                    "converted_sha256": files.sha256,
-                }
-        except (ImportError, Unconvertible) as exc:
-            fallbacks["ncnn"] = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: ncnn engine unavailable, using torch: %s", params.get("model"), exc)
-        if engine == "ncnn" or len(candidates) == 1:
-            if "ncnn" not in candidates:  # nothing to measure torch against: torch, and why
+                ncnn_runtime = RUNTIME_REVISION
+                files = convert_ncnn(base.descriptor, weights, cache_dir)
+                # With other work on the cores, one ncnn thread per worker can beat several
+                # (measured here: 1.5x faster at load 10 on 2 cores): `auto` times both.
+                for count in sorted({threads, 1}, reverse=True):
+                    label = "ncnn" if count == threads else f"ncnn@{count}"
+                    candidates[label] = NcnnEngine(base.descriptor, files, threads=count)
+                    converted[label] = _converted_params(candidates[label], files.sha256)
+            except (ImportError, Unconvertible) as exc:
+                fallbacks["ncnn"] = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: ncnn engine unavailable: %s", params.get("model"), exc)
+        if engine in ("openvino", "auto"):
+            try:
+                from pipeline.runtimes.openvino import OpenVinoEngine, convert_openvino
+
+                files = convert_openvino(base.descriptor, weights, cache_dir)
+                candidates["openvino"] = OpenVinoEngine(base.descriptor, files, threads=threads)
+                converted["openvino"] = _converted_params(candidates["openvino"], files.sha256)
+            except (ImportError, Unconvertible) as exc:
+                fallbacks["openvino"] = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: openvino engine unavailable: %s", params.get("model"), exc)
+        if engine == "auto" and bf16:
+            if base.descriptor.supports_bfloat16:
+                candidates["torch-bf16"] = Engine(base.descriptor, device="cpu", precision="bf16")
+            if "openvino" in candidates:
+                vino = candidates["openvino"]
+                candidates["openvino-bf16"] = type(vino)(
+                    base.descriptor, vino.converted, threads=threads, precision="bf16"
+                )
+                converted["openvino-bf16"] = converted["openvino"]
+        if engine != "auto" or len(candidates) == 1:
+            if engine not in candidates:  # nothing to measure torch against: torch, and why
                 return base, {
                     **torch_params,
                     "engine_requested": engine,
-                    "engine_fallback": fallbacks["ncnn"],
+                    "engine_fallback": "; ".join(f"{k}: {v}" for k, v in fallbacks.items()),
                 }
-            return candidates["ncnn"], {**params, "engine": "ncnn", **converted["ncnn"]}
+            return candidates[engine], {**params, "engine": engine, **converted[engine]}
         if sample is None:
             raise StageError("engine auto: calibration needs a sample tile")
         tile = sample(base.descriptor)
@@ -143,6 +175,7 @@ class EngineCache:
             "engines": versions,
             "memory_mb": memory_mb,
             "ncnn_runtime": ncnn_runtime,
+            "bf16": bf16,
         }
         choice, measured, cached = calibrate(
             candidates,
@@ -151,9 +184,10 @@ class EngineCache:
             decisions=cache_dir / "converted" / DECISIONS_NAME,
             key=decision_key,
         )
-        chosen_params = (
-            torch_params if choice == "torch" else {**params, "engine": choice.split("@")[0]}
-        )
+        name = choice.split("@")[0].removesuffix("-bf16")
+        chosen_params = torch_params if name == "torch" else {**params, "engine": name}
+        if choice.endswith("-bf16"):
+            chosen_params = {**chosen_params, "precision": "bf16"}
         calibration = {
             "choice": choice,
             "cached": cached,
@@ -180,6 +214,15 @@ def centre_tile(image: Image, descriptor: Any, tile: int, overlap: int | str) ->
     if crop.shape[2] == 1 and descriptor.input_channels == 3:
         crop = np.repeat(crop, 3, axis=2)
     return crop
+
+
+def _converted_params(engine: Any, sha256: dict[str, str]) -> dict[str, Any]:
+    """What provenance records of a converted engine: its version, threads and files' hashes."""
+    return {
+        "engine_version": engine.version,
+        "engine_threads": engine.threads,
+        "converted_sha256": sha256,
+    }
 
 
 def _weights_key(params: dict[str, Any]) -> str:

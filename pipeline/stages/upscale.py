@@ -43,7 +43,7 @@ class UpscaleOptions(StageOptions):
     # torch, ncnn (fp32 CPU, falls back to torch with the reason when it cannot convert), or
     # auto: the fastest engine agreeing with torch fp32 on this machine, measured once.
     # None: the context's ([processing].engine).
-    engine: Literal["auto", "torch", "ncnn"] | None = None
+    engine: Literal["auto", "torch", "ncnn", "openvino"] | None = None
     engine_memory_mb: int = Field(DEFAULT_ENGINE_MEMORY_MB, ge=64)
     max_ram_output_mb: int = Field(256, ge=16)
 
@@ -144,6 +144,7 @@ class UpscaleStage:
             engine=opts.engine or ctx.engine,
             sample=lambda descriptor: self._sample(image, descriptor),
             memory_mb=opts.engine_memory_mb,
+            bit_depth=image.bit_depth,
         )
 
     def _sample(self, image: Image, descriptor: Any) -> np.ndarray:
