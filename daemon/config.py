@@ -85,8 +85,8 @@ class ProcessingConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|vulkan)(:\d+)?", value):
+            raise ValueError("must be auto, cpu, mps, cuda, cuda:N, vulkan or vulkan:N")
         return value
 
 

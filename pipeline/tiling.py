@@ -28,6 +28,7 @@ __all__ = [
     "resolve_precision",
     "run_tiled",
     "tile_starts",
+    "vulkan_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ class TiledResult:
 
 
 def resolve_device(device: str) -> str:
-    """Map "auto" to cuda, then mps, then cpu; reject a device this machine does not have."""
+    """Map "auto" to cuda, then mps, then cpu; reject a device this machine does not have.
+    "vulkan[:N]" (ncnn on a Vulkan GPU: AMD, Intel, or Mesa's software driver) resolves to "cpu"
+    for torch, which runs what ncnn cannot (face detection, unconvertible models)."""
+    if device.split(":", 1)[0] == "vulkan":
+        vulkan_device(device)  # raises when there is no such GPU
+        return "cpu"
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -75,8 +81,31 @@ def resolve_device(device: str) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise StageError(f"device {device!r} requested but CUDA is not available")
     if kind not in ("cpu", "cuda", "mps"):
-        raise StageError(f"device {device!r}: must be auto, cpu, cuda[:N] or mps")
+        raise StageError(f"device {device!r}: must be auto, cpu, cuda[:N], mps or vulkan[:N]")
     return device
+
+
+def vulkan_device(device: str) -> int | None:
+    """The Vulkan GPU index of a "vulkan[:N]" device (None for any other device), checked against
+    the GPUs ncnn sees; raises StageError when there is none."""
+    kind, _, index = device.partition(":")
+    if kind != "vulkan":
+        return None
+    if index and not index.isdigit():
+        raise StageError(f"device {device!r}: must be vulkan or vulkan:N")
+    number = int(index or 0)
+    try:
+        import ncnn
+
+        count = int(ncnn.get_gpu_count())
+    except (ImportError, AttributeError) as exc:
+        raise StageError(f"device {device!r}: ncnn with Vulkan is not available ({exc})") from exc
+    if number >= count:
+        raise StageError(
+            f"device {device!r} requested but ncnn sees {count} Vulkan GPU(s) "
+            "(install the GPU's Vulkan driver, or Mesa's mesa-vulkan-drivers)"
+        )
+    return number
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -67,6 +67,7 @@ def test_shipped_config_documents_every_option():
     [
         ("[processing]\ndevise = 'cpu'\n", "cfg.toml: processing.devise: unknown key"),
         ("[processing]\ndevice = 'gpu'\n", "cfg.toml: processing.device: must be auto, cpu"),
+        ("[processing]\ndevice = 'vulkan:x'\n", "cfg.toml: processing.device: must be auto, cpu"),
         ("[image]\nquality = 101\n", "cfg.toml: image.quality: Input should be less than or equal"),
         ("[image]\nmax_pixels = 'many'\n", "cfg.toml: image.max_pixels: Input should be a valid"),
         (

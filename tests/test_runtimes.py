@@ -319,3 +319,45 @@ def test_stages_without_an_engine_of_their_own_use_the_processing_engine(tmp_pat
         assert params["engine"] == "torch"
         assert params["engine_requested"] == ctx.engine
         assert "not called as image -> image" in params["engine_fallback"]
+
+
+def _vulkan_gpus() -> int:
+    import ncnn
+
+    return int(ncnn.get_gpu_count())
+
+
+def test_the_vulkan_device_runs_ncnn_on_the_gpu_and_agrees_with_whole_image_torch(ctx):
+    if _vulkan_gpus() == 0:
+        pytest.skip(
+            "ncnn sees no Vulkan GPU: scripts/setup installs Mesa's software driver "
+            "(mesa-vulkan-drivers) when run as root"
+        )
+    weights = shared_file("weights/realesr-general-x4v3.from-ncnn.pth")
+    pixels = _photo(96, 128)
+    gpu = StageContext(models=ctx.models, device="vulkan", precision="auto")
+    tiled = UpscaleStage(UpscaleOptions(model=str(weights), tile=64)).run(_image(pixels), gpu)
+    assert tiled.params["engine"] == "ncnn" and tiled.params["device"] == "vulkan:0"
+    assert tiled.params["gpu"] and tiled.params["precision"] == "fp32"
+    whole = UpscaleStage(UpscaleOptions(engine="torch", model=str(weights), tile=0))
+    reference = whole.run(_image(pixels), ctx)
+    db = psnr8(np.asarray(tiled.image.pixels), np.asarray(reference.image.pixels))
+    assert math.isinf(db) or db >= MIN_AGREEMENT_DB, db
+    # A model ncnn cannot run as spandrel calls it stays on torch, on the CPU, with the reason.
+    from pipeline.stages.denoise import DenoiseOptions, DenoiseStage
+
+    dncnn = tiny_dncnn(ctx.models.cache_dir.parent / "d.pth")
+    options = DenoiseOptions(method="model", model=str(dncnn), tile=0)
+    params = DenoiseStage(options).run(_image(pixels), gpu).params
+    assert params["engine"] == "torch" and params["device"] == "cpu"
+    assert "not called as image -> image" in params["engine_fallback"]
+
+
+def test_a_vulkan_device_the_machine_does_not_have_is_refused_by_name():
+    from pipeline.errors import StageError
+    from pipeline.tiling import resolve_device
+
+    with pytest.raises(StageError, match=r"'vulkan:9'.*Vulkan GPU"):
+        resolve_device("vulkan:9")
+    with pytest.raises(StageError, match="vulkan or vulkan:N"):
+        resolve_device("vulkan:x")

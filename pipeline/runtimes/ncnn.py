@@ -59,7 +59,14 @@ class NcnnEngine:
     name = "ncnn"
     compiled = False
 
-    def __init__(self, descriptor: Any, converted: ConvertedModel, *, threads: int) -> None:
+    def __init__(
+        self,
+        descriptor: Any,
+        converted: ConvertedModel,
+        *,
+        threads: int,
+        vulkan_device: int | None = None,
+    ) -> None:
         import ncnn
 
         self.descriptor = descriptor
@@ -77,7 +84,13 @@ class NcnnEngine:
         opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = False
         opt.use_bf16_storage = False
         opt.use_winograd_convolution = opt.use_sgemm_convolution = True
-        opt.use_vulkan_compute = False
+        # On a Vulkan GPU too: fp32 storage and arithmetic (GPUs default to fp16).
+        opt.use_vulkan_compute = vulkan_device is not None
+        self.vulkan_device = vulkan_device
+        self.gpu = None
+        if vulkan_device is not None:
+            self._net.set_vulkan_device(vulkan_device)
+            self.gpu = str(ncnn.get_gpu_info(vulkan_device).device_name())
         # From the files just verified: the bindings' in-memory loader copies the bytes into a
         # temporary that ncnn would keep pointing into after the call returns.
         folder = converted.folder

@@ -26,6 +26,7 @@ from pipeline.tiling import (
     cpu_has_fast_bf16,
     resolve_device,
     resolve_precision,
+    vulkan_device,
 )
 
 __all__ = [
@@ -76,10 +77,16 @@ class EngineCache:
         # masters (errors of 2^-9, 1/8 of a 12-bit step), and only where the CPU runs it natively
         # (emulated on AVX2, ~10x slower).
         bf16 = wanted == "auto" and bit_depth <= 8 and device == "cpu" and cpu_has_fast_bf16()
-        key = (ref, device, wanted, engine, str(bf16))
+        key = (ref, ctx.device, device, wanted, engine, str(bf16))
         if key not in self._engines:
             base, params = self._torch(ref, device, wanted, load, compile)
-            self._engines[key] = self._choose(base, params, ctx, engine, sample, memory_mb, bf16)
+            vulkan = vulkan_device(ctx.device)
+            if vulkan is not None:
+                self._engines[key] = self._vulkan(base, params, ctx, vulkan)
+            else:
+                self._engines[key] = self._choose(
+                    base, params, ctx, engine, sample, memory_mb, bf16
+                )
         return self._engines[key]
 
     def _torch(
@@ -95,6 +102,37 @@ class EngineCache:
         )
         params = {**params, "device": device, "precision": chosen, "compiled": compile}
         return engine, params
+
+    def _vulkan(
+        self, base: Engine, params: dict[str, Any], ctx: StageContext, index: int
+    ) -> tuple[Any, dict[str, Any]]:
+        """ncnn on Vulkan GPU `index` in fp32, asked for by name (device = "vulkan[:N]"): no
+        calibration; a model ncnn cannot convert runs on torch on the CPU, the reason recorded."""
+        from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
+
+        torch_params = {**params, "engine": "torch", "engine_version": torch.__version__}
+        if base.precision != "fp32" or base.compiled:
+            reason = f"ncnn on Vulkan runs fp32 uncompiled, not {base.precision}"
+            return base, {**torch_params, "engine_requested": "vulkan", "engine_fallback": reason}
+        try:
+            files = convert_ncnn(base.descriptor, _weights_key(params), Path(ctx.models.cache_dir))
+        except Unconvertible as exc:
+            log.warning("%s: not on the Vulkan GPU, using torch: %s", params.get("model"), exc)
+            return base, {
+                **torch_params,
+                "engine_requested": "vulkan",
+                "engine_fallback": f"Unconvertible: {exc}",
+            }
+        gpu = NcnnEngine(
+            base.descriptor, files, threads=torch.get_num_threads(), vulkan_device=index
+        )
+        return gpu, {
+            **params,
+            "engine": "ncnn",
+            "device": f"vulkan:{index}",
+            "gpu": gpu.gpu,
+            **_converted_params(gpu, files.sha256),
+        }
 
     def _choose(
         self,
