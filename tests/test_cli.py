@@ -151,7 +151,8 @@ def test_config_errors_exit_2_with_one_line_per_problem(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [
-        f"error: {config}: processing.device: must be auto, cpu, mps, cuda or cuda:N",
+        f"error: {config}: processing.device: "
+        "must be auto, cpu, mps, cuda, cuda:N, vulkan or vulkan:N",
         f"error: {config}: pipeline.stages[0].kind: unknown stage 'blur' "
         "(one of denoise, face, restore, upscale)",
     ]
