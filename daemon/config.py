@@ -74,6 +74,11 @@ class ModelsConfig(_Section):
     allowed_licences: tuple[str, ...] = PERMISSIVE_LICENCES
 
 
+# What [processing].device and a cluster worker's --device accept.
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|vulkan)(:\d+)?"
+DEVICE_RULE = "must be auto, cpu, mps, cuda, cuda:N, vulkan or vulkan:N"
+
+
 class ProcessingConfig(_Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -85,8 +90,8 @@ class ProcessingConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|(cuda|vulkan)(:\d+)?", value):
-            raise ValueError("must be auto, cpu, mps, cuda, cuda:N, vulkan or vulkan:N")
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError(DEVICE_RULE)
         return value
 
 

@@ -8,7 +8,7 @@ import logging
 import re
 
 from daemon.cli.base import EXIT_CONFIG, log
-from daemon.config import Config
+from daemon.config import DEVICE_PATTERN, DEVICE_RULE, Config
 
 __all__ = ["register"]
 
@@ -18,7 +18,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "worker", help="run jobs for a daemon on another machine (needs [cluster] broker)"
     )
     worker.add_argument(
-        "--device", help="cpu, cuda, cuda:N or mps (default: the config's processing.device)"
+        "--device",
+        help="cpu, cuda, cuda:N, mps, vulkan or vulkan:N (default: the config's processing.device)",
     )
     worker.add_argument("--name", default="", help="this worker's name (default HOST-DEVICE-PID)")
     worker.set_defaults(handler=_worker)
@@ -29,8 +30,8 @@ def _worker(args: argparse.Namespace, config: Config) -> int:
         log.error("config: cluster.broker: must name the Redis the daemon dispatches through")
         return EXIT_CONFIG
     device = args.device or config.processing.device
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        log.error("--device: must be auto, cpu, mps, cuda or cuda:N, got %r", device)
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        log.error("--device: %s, got %r", DEVICE_RULE, device)
         return EXIT_CONFIG
     if args.name and not re.fullmatch(r"[A-Za-z0-9_.:-]+", args.name):
         log.error("--name: letters, digits and _ . : - only, got %r", args.name)
