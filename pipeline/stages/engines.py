@@ -77,7 +77,7 @@ class EngineCache:
         # masters (errors of 2^-9, 1/8 of a 12-bit step), and only where the CPU runs it natively
         # (emulated on AVX2, ~10x slower).
         bf16 = wanted == "auto" and bit_depth <= 8 and device == "cpu" and cpu_has_fast_bf16()
-        key = (ref, ctx.device, device, wanted, engine, str(bf16))
+        key = (ref, ctx.device, wanted, engine, str(bf16))
         if key not in self._engines:
             base, params = self._torch(ref, device, wanted, load, compile)
             vulkan = vulkan_device(ctx.device)
@@ -110,19 +110,14 @@ class EngineCache:
         calibration; a model ncnn cannot convert runs on torch on the CPU, the reason recorded."""
         from pipeline.runtimes.ncnn import NcnnEngine, convert_ncnn
 
-        torch_params = {**params, "engine": "torch", "engine_version": torch.__version__}
         if base.precision != "fp32" or base.compiled:
             reason = f"ncnn on Vulkan runs fp32 uncompiled, not {base.precision}"
-            return base, {**torch_params, "engine_requested": "vulkan", "engine_fallback": reason}
+            return base, _on_torch(params, "vulkan", reason)
         try:
             files = convert_ncnn(base.descriptor, _weights_key(params), Path(ctx.models.cache_dir))
         except Unconvertible as exc:
             log.warning("%s: not on the Vulkan GPU, using torch: %s", params.get("model"), exc)
-            return base, {
-                **torch_params,
-                "engine_requested": "vulkan",
-                "engine_fallback": f"Unconvertible: {exc}",
-            }
+            return base, _on_torch(params, "vulkan", f"Unconvertible: {exc}")
         gpu = NcnnEngine(
             base.descriptor, files, threads=torch.get_num_threads(), vulkan_device=index
         )
@@ -144,14 +139,14 @@ class EngineCache:
         memory_mb: float,
         bf16: bool,
     ) -> tuple[Any, dict[str, Any]]:
-        torch_params = {**params, "engine": "torch", "engine_version": torch.__version__}
+        torch_params = _on_torch(params)
         if engine == "torch":
             return base, torch_params
         if base.device.type != "cpu" or base.precision != "fp32" or base.compiled:
             reason = (
                 f"ncnn and openvino run fp32 on the CPU here, not {base.precision} on {base.device}"
             )
-            return base, {**torch_params, "engine_requested": engine, "engine_fallback": reason}
+            return base, _on_torch(params, engine, reason)
         cache_dir = Path(ctx.models.cache_dir)
         weights = _weights_key(params)
         candidates: dict[str, Any] = {"torch": base}
@@ -195,11 +190,8 @@ class EngineCache:
                 converted["openvino-bf16"] = converted["openvino"]
         if engine != "auto" or len(candidates) == 1:
             if engine not in candidates:  # nothing to measure torch against: torch, and why
-                return base, {
-                    **torch_params,
-                    "engine_requested": engine,
-                    "engine_fallback": "; ".join(f"{k}: {v}" for k, v in fallbacks.items()),
-                }
+                reason = "; ".join(f"{k}: {v}" for k, v in fallbacks.items())
+                return base, _on_torch(params, engine, reason)
             return candidates[engine], {**params, "engine": engine, **converted[engine]}
         if sample is None:
             raise StageError("engine auto: calibration needs a sample tile")
@@ -252,6 +244,17 @@ def centre_tile(image: Image, descriptor: Any, tile: int, overlap: int | str) ->
     if crop.shape[2] == 1 and descriptor.input_channels == 3:
         crop = np.repeat(crop, 3, axis=2)
     return crop
+
+
+def _on_torch(
+    params: dict[str, Any], requested: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
+    """What provenance records of a model run on torch; when another engine was `requested`,
+    that request and the `reason` it fell back."""
+    recorded = {**params, "engine": "torch", "engine_version": torch.__version__}
+    if requested is not None:
+        recorded |= {"engine_requested": requested, "engine_fallback": reason}
+    return recorded
 
 
 def _converted_params(engine: Any, sha256: dict[str, str]) -> dict[str, Any]:
