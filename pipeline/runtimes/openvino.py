@@ -64,8 +64,9 @@ def convert_openvino(descriptor: Any, weights_sha256: str, cache_dir: Path) -> C
         _, example = pad_tensor(
             torch.rand(1, channels, _TRACE_SIDE, _TRACE_SIDE), descriptor.size_requirements
         )
-        # Traced here without the checking re-run (x4plus: 17 s, against 79 s through
-        # convert_model's own tracing), on a small input: the trace does not depend on it.
+        # Traced here without the checking re-run (x4plus: 20 s with the conversion, against
+        # 79 s through convert_model's own tracing), on a small input: the trace does not
+        # depend on it.
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 # TorchScript tracing is deprecated upstream and warns about branches on
