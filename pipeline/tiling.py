@@ -176,7 +176,11 @@ class Engine:
                 f"engine: model is {descriptor.dtype} on {descriptor.device}, "
                 f"expected {expected} on {self.device} for {precision}"
             )
-        self._channels_last = self.device.type == "cpu"
+        # Not for a model with 5-D weights (GFPGAN's modulated convolutions), which torch
+        # cannot convert, and whose forward views activations as contiguous.
+        self._channels_last = self.device.type == "cpu" and all(
+            tensor.dim() != 5 for tensor in (*model.parameters(), *model.buffers())
+        )
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)
         self._module = torch.compile(model, dynamic=False) if compile else model

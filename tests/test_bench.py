@@ -317,3 +317,45 @@ def test_the_auto_row_times_what_the_upscale_stage_picks_from_a_cold_cache(tmp_p
     assert {"torch", "openvino"} <= measured and info["choice"] in measured
     row, _ = bench.measure_ours(engine, images, 32, reps=1)
     assert row.engine == engine.name and row.tiles > 1
+
+
+def test_split_bench_parses_splits_and_refuses_nonsense():
+    split = _load("bench_split", REPO / "bench" / "split.py")
+    assert split.parse_splits("1x2, 2x1") == [(1, 2), (2, 1)]
+    for bad in ("2", "0x2", "2x0", "axb", "2x1x1"):
+        with pytest.raises(Exception, match="expected WORKERSxTHREADS"):
+            split.parse_splits(bad)
+
+
+def test_split_bench_runs_each_split_with_real_weights_and_reports_throughput(tmp_path):
+    shared_file("weights/realesr-general-x4v3.from-ncnn.pth")
+    out = tmp_path / "split.json"
+    command = [sys.executable, str(REPO / "bench" / "split.py"), "--splits", "1x1,2x1",
+               "--crop", "48", "--tile", "32", "--images", "1", "--rounds", "1",
+               "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    report = json.loads(out.read_text())
+    rows = {(r["workers"], r["threads"]): r for r in report["rows"]}
+    assert set(rows) == {(1, 1), (2, 1)}
+    assert rows[(2, 1)]["images"] == 2 and len(rows[(2, 1)]["seconds_per_image"]) == 2
+    for row in rows.values():
+        assert row["images_per_hour"] > 0 and row["peak_rss_mb_per_worker"] > 0
+        assert row["engines"] and all(e.endswith(("(fp32)", "(bf16)")) for e in row["engines"])
+    assert set(report["best_images_per_hour"]) == {"1x1", "2x1"}
+
+
+@pytest.mark.slow
+def test_face_bench_measures_the_restorer_on_each_engine_and_runs_the_choice(tmp_path, capsys):
+    shared_file("weights/detection_mobilenet0.25_Final.pth")
+    face = _load("bench_face", REPO / "bench" / "face.py")
+    out = tmp_path / "face.json"
+    assert face.main(["--model", "restoreformer", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    measured = {m["engine"]: m for m in report["calibration"]["measurements"]}
+    assert {"torch", "openvino"} <= set(measured) and all(m["seconds"] for m in measured.values())
+    assert "ncnn" in report["calibration"]["unavailable"]
+    runs = report["runs"]
+    assert runs["torch"]["engine"] == "torch" and runs["openvino"]["engine"] == "openvino"
+    assert runs["auto"]["engine"] == report["calibration"]["choice"].removesuffix("-bf16")
+    assert all(run["faces"] == 1 for run in runs.values())
+    assert "chose " in capsys.readouterr().out

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from pipeline.errors import ModelNotAvailableError, StageError
 from pipeline.image import Image, Metadata, decode
 from pipeline.models import ModelStore
+from pipeline.runtimes import MIN_AGREEMENT_DB, psnr8
 from pipeline.stage import StageContext
 from pipeline.stages.face import (
     _TEMPLATE,
@@ -85,7 +86,8 @@ def group() -> Image:
 
 
 def face_stage(**options) -> FaceStage:
-    options = {"detector": "retinaface-mobilenet0.25", "parser": None, **options}
+    """Torch unless a test asks for another engine (the engine tests below)."""
+    options = {"detector": "retinaface-mobilenet0.25", "parser": None, "engine": "torch", **options}
     return FaceStage(FaceOptions(**options))
 
 
@@ -216,6 +218,72 @@ def test_fidelity_really_blends_the_restored_and_the_original_face(gfpgan_runs, 
     assert np.abs(half).max() > 0.05  # differs from fidelity 0
     assert np.abs(full - half).max() > 0.05  # and from fidelity 1
     assert gfpgan_runs[0.5].mask.max() == 128  # the mask records the weight pasted
+
+
+# --- engines: the restorer on ncnn, OpenVINO or whichever auto measures fastest ----------------
+
+
+def agreement_db(result, reference) -> float:
+    """PSNR (8-bit) of two runs over the pixels the reference pasted (elsewhere both are the
+    input, which would only inflate the number)."""
+    np.testing.assert_array_equal(result.mask, reference.mask)
+    pasted = reference.mask > 0
+    assert pasted.any()
+    return psnr8(result.image.pixels[pasted], reference.image.pixels[pasted])
+
+
+def test_the_restorer_runs_on_openvino_and_agrees_with_torch(real_ctx, astronaut, single):
+    result = face_stage(model="restoreformer-tiny", fidelity=1.0, engine="openvino").run(
+        astronaut, real_ctx
+    )
+    params = result.params
+    assert params["engine"] == "openvino" and params["precision"] == "fp32"
+    assert set(params["converted_sha256"]) == {"model.xml", "model.bin"}
+    assert agreement_db(result, single) >= MIN_AGREEMENT_DB
+    assert single.params["engine"] == "torch"
+
+
+def test_a_restorer_ncnn_cannot_convert_runs_on_torch_and_says_why(real_ctx, astronaut, single):
+    result = face_stage(model="restoreformer-tiny", fidelity=1.0, engine="ncnn").run(
+        astronaut, real_ctx
+    )
+    params = result.params
+    assert params["engine"] == "torch" and params["engine_requested"] == "ncnn"
+    assert params["engine_fallback"].startswith("ncnn: Unconvertible: ")
+    np.testing.assert_array_equal(result.image.pixels, single.image.pixels)
+
+
+def test_auto_measures_the_restorer_on_the_first_face_and_records_the_choice(
+    real_ctx, astronaut, single
+):
+    runs = [
+        face_stage(model="restoreformer-tiny", fidelity=1.0, engine="auto").run(astronaut, real_ctx)
+        for _ in range(2)  # two stages, as two daemon runs: the second reads the decision
+    ]
+    for result, cached in zip(runs, (False, True), strict=True):
+        params = json.loads(json.dumps(result.params))
+        calibration = params["engine_calibration"]
+        assert params["engine_requested"] == "auto" and calibration["cached"] is cached
+        assert calibration["tile"] == [512, 512]  # the aligned face, the model's one size
+        measured = {m["engine"]: m for m in calibration["measurements"]}
+        assert {"torch", "openvino"} <= set(measured)
+        assert "Unconvertible" in calibration["unavailable"]["ncnn"]
+        assert measured[calibration["choice"]]["passed"]
+        assert params["engine"] == calibration["choice"].split("@")[0].removesuffix("-bf16")
+        assert agreement_db(result, single) >= MIN_AGREEMENT_DB
+    assert (
+        runs[0].params["engine_calibration"]["choice"]
+        == (runs[1].params["engine_calibration"]["choice"])
+    )
+
+
+@pytest.mark.slow
+def test_gfpgan_converts_to_openvino_and_agrees_with_torch(gfpgan_runs, real_ctx, astronaut):
+    result = face_stage(model="gfpgan-random", fidelity=1.0, engine="openvino").run(
+        astronaut, real_ctx
+    )
+    assert result.params["engine"] == "openvino" and result.params["architecture"] == "GFPGAN"
+    assert agreement_db(result, gfpgan_runs[1.0]) >= MIN_AGREEMENT_DB
 
 
 # --- greyscale, masks, targets ------------------------------------------------------------------

@@ -99,7 +99,8 @@ def ctx(tmp_path) -> StageContext:
 
 
 def run(image: Image, ctx: StageContext, **options):
-    return RestoreStage(RestoreOptions(**options)).run(image, ctx)
+    """Models on torch unless a test asks for another engine."""
+    return RestoreStage(RestoreOptions(**{"engine": "torch", **options})).run(image, ctx)
 
 
 # --- clean, balanced images are left alone ----------------------------------------------------
@@ -520,6 +521,28 @@ def test_the_learned_detector_runs_tiled_through_the_store_and_records_its_hash(
     np.testing.assert_array_equal(tiled.mask, whole.mask)  # tiles agree with the whole image
     untouched = tiled.mask == 0
     np.testing.assert_array_equal(tiled.image.pixels[untouched], crop.pixels[untouched])
+
+
+def test_the_learned_detector_runs_on_openvino_and_auto_records_its_measured_choice(tmp_path, ctx):
+    weights = random_defectunet(tmp_path / "defects.safetensors")
+    image = clean_image("Set5/HR/baby.png")
+    crop = image.replace(pixels=np.ascontiguousarray(image.pixels[100:260, 50:250]))
+    options = {"colour": False, "detector": "learned", "detector_model": str(weights)}
+    on_torch = run(crop, ctx, tile=64, threshold=0.05, **options)
+    vino = run(crop, ctx, tile=64, threshold=0.05, engine="openvino", **options)
+    auto = run(crop, ctx, tile=64, threshold=0.05, engine="auto", **options)
+    dust = json.loads(json.dumps(vino.params))["dust"]
+    assert dust["detector_engine"] == "openvino" and on_torch.params["dust"]["detector_engine"] == (
+        "torch"
+    )
+    assert set(dust["detector_converted_sha256"]) == {"model.xml", "model.bin"}
+    # Probabilities agree to fp32 rounding: at most a pixel or two sits on the threshold.
+    assert np.count_nonzero(vino.mask != on_torch.mask) <= 2 < np.count_nonzero(on_torch.mask)
+    calibration = auto.params["dust"]["detector_engine_calibration"]
+    measured = {m["engine"]: m for m in calibration["measurements"]}
+    assert {"torch", "openvino"} <= set(measured) and measured[calibration["choice"]]["passed"]
+    assert calibration["tile"] == [64 + 32, 64 + 32]  # a tile as cut: 64 px and the overlap
+    assert np.count_nonzero(auto.mask != on_torch.mask) <= 2
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,9 @@ def _estimated_peak_mb(engine: Any, batch: torch.Tensor) -> float | None:
     half_h, half_w = max(8, height // 2), max(8, width // 2)
     if half_h >= height and half_w >= width:
         return None
+    sizes = getattr(getattr(engine, "descriptor", None), "size_requirements", None)
+    if sizes is not None and sizes.get_padding(half_w, half_h) == (width - half_w, height - half_h):
+        return None  # padded back to the full tile (a face model's one size): measured as it is
     _, peak = _peak_mb(lambda: engine.infer(batch[..., :half_h, :half_w].contiguous()))
     if peak is None:
         return None

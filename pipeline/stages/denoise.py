@@ -109,7 +109,7 @@ class DenoiseStage:
             opts.precision,
             load,
             engine=opts.engine or ctx.engine,
-            sample=lambda descriptor: centre_tile(image, descriptor, opts.tile, opts.overlap),
+            sample=lambda model: centre_tile(image.pixels, model, opts.tile, opts.overlap),
             memory_mb=opts.engine_memory_mb,
             bit_depth=image.bit_depth,
         )

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from pipeline.errors import StageError
-from pipeline.image import Image
 from pipeline.runtimes import ENGINES
 from pipeline.runtimes.calibration import DECISIONS_NAME, calibrate, machine
 from pipeline.runtimes.ncnn_writer import Unconvertible
 from pipeline.stage import StageContext
 from pipeline.tiling import (
     Engine,
+    TileSettings,
     auto_overlap,
     cpu_has_fast_bf16,
+    luma,
     resolve_device,
     resolve_precision,
     vulkan_device,
@@ -234,15 +235,19 @@ class EngineCache:
         }
 
 
-def centre_tile(image: Image, descriptor: Any, tile: int, overlap: int | str) -> np.ndarray:
-    """The calibration tile: one tile as run_tiled cuts it (tile + overlap a side), from the
-    middle of the image, grey repeated to RGB for an RGB model."""
+def centre_tile(pixels: np.ndarray, descriptor: Any, tile: int, overlap: int | str) -> np.ndarray:
+    """The calibration tile: one tile as run_tiled cuts it (tile + overlap a side) from the
+    middle of `pixels` (H, W, C), grey repeated to RGB for an RGB model, RGB reduced to luma
+    for a one-channel model (the stages run those on the luma)."""
     extra = auto_overlap(descriptor) if overlap == "auto" else int(overlap)
     size = (tile or 256) + extra
-    top, left = max(0, (image.height - size) // 2), max(0, (image.width - size) // 2)
-    crop = np.asarray(image.pixels[top : top + size, left : left + size], dtype=np.float32)
+    height, width = pixels.shape[:2]
+    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+    crop = np.asarray(pixels[top : top + size, left : left + size], dtype=np.float32)
     if crop.shape[2] == 1 and descriptor.input_channels == 3:
         crop = np.repeat(crop, 3, axis=2)
+    elif crop.shape[2] == 3 and descriptor.input_channels == 1:
+        crop = luma(crop, TileSettings())
     return crop
 
 

@@ -150,7 +150,7 @@ class UpscaleStage:
     def _sample(self, image: Image, descriptor: Any) -> np.ndarray:
         if image.channels == 3 and descriptor.input_channels == 1:
             raise StageError(f"upscale: model {self.options.model} takes greyscale input only")
-        return centre_tile(image, descriptor, self.options.tile, self.options.overlap)
+        return centre_tile(image.pixels, descriptor, self.options.tile, self.options.overlap)
 
     def _load_interpolated(
         self, ctx: StageContext, device: str, dtype: torch.dtype
