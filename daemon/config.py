@@ -360,6 +360,20 @@ def state_dir(config: Config) -> Path:
     return Path(base) / "scanrestore"
 
 
+def worker_threads(config: Config) -> int:
+    """Each local worker's inference threads: [processing].threads, or where that is 0 and
+    there are several workers, the usable cores shared evenly among them (each engine would
+    otherwise start a thread per core in every worker). 0 leaves it to the engines."""
+    workers, threads = config.daemon.workers, config.processing.threads
+    if threads or workers == 1:
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 def model_store(config: Config) -> ModelStore:
     """The model cache the config names (or the default one)."""
     cache = config.models.cache_dir

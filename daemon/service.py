@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from daemon.config import Config, state_dir
+from daemon.config import Config, state_dir, worker_threads
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.ingest import IngestError, Intake
 from daemon.processing import code_version, recipe_of, signing_key
@@ -146,7 +146,7 @@ class Daemon:
             models=recipe["models"],
             log_level=logging.getLogger().getEffectiveLevel(),
             device=self.config.processing.device,
-            threads=self.config.processing.threads,
+            threads=worker_threads(self.config),
         )
         pool = self._workers(store, settings, recipe, recipe_sha256)
         own = Recipe(recipe_sha256, ChainChoice(recipe["preset"], dict(recipe["models"])))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from daemon.config import PRESETS, Config, ConfigError, load_config, parse_config
+from daemon.config import PRESETS, Config, ConfigError, load_config, parse_config, worker_threads
 from pipeline.stages import STAGES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config.toml"
@@ -160,3 +161,17 @@ def test_a_mistake_in_a_preset_names_its_key_path(tmp_path):
 def test_a_user_preset_is_selectable():
     config = parse_config({"presets": {"quick": [{"kind": "upscale", "scale": 2}]}})
     assert [s.options.scale for s in config.chain("quick").stages] == [2]
+
+
+def test_several_workers_share_the_cores_unless_threads_are_set(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    config = load_config(SHIPPED)
+
+    def threads(workers: int, threads: int) -> int:
+        data = config.model_dump(mode="json")
+        data["daemon"]["workers"], data["processing"]["threads"] = workers, threads
+        return worker_threads(Config.model_validate(data))
+
+    assert threads(1, 0) == 0  # one worker: the engines take every core
+    assert (threads(2, 0), threads(3, 0), threads(4, 0), threads(8, 0)) == (3, 2, 1, 1)
+    assert threads(2, 5) == threads(1, 5) == 5  # set by hand: as set

@@ -123,6 +123,9 @@ class OpenVinoEngine:
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
+            # Pinning (on by default on Linux) ties each process's threads to the first cores:
+            # two one-thread workers then share one core (bench/split.py: 2x1 at half of 1x2).
+            "ENABLE_CPU_PINNING": False,
         }
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
