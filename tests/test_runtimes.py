@@ -16,6 +16,8 @@ import torch
 from conftest import shared_file
 from modelfactory import tiny_compact, tiny_dncnn, tiny_rrdbnet
 
+import pipeline.runtimes.ncnn as ncnn_runtime
+import pipeline.runtimes.openvino as openvino_runtime
 from pipeline.errors import HashMismatchError
 from pipeline.image import Image, Metadata
 from pipeline.models import ModelStore
@@ -166,7 +168,7 @@ def test_unconvertible_model_falls_back_to_torch_with_the_reason(tmp_path, ctx):
     np.testing.assert_array_equal(ncnn.image.pixels, plain.image.pixels)
 
 
-def test_auto_calibrates_picks_caches_and_records_its_choice(tmp_path, ctx):
+def test_auto_calibrates_picks_caches_and_records_its_choice(tmp_path, ctx, monkeypatch):
     model = tiny_compact(tmp_path / "m.pth", num_feat=16, num_conv=4)
     pixels = np.random.default_rng(1).random((48, 64, 3), dtype=np.float32)
     options = UpscaleOptions(model=str(model), tile=32, overlap=8, engine="auto")
@@ -192,8 +194,22 @@ def test_auto_calibrates_picks_caches_and_records_its_choice(tmp_path, ctx):
     if fastest.startswith("openvino"):
         assert set(params["converted_sha256"]) == {"model.xml", "model.bin"}
         assert params["engine_threads"] == (1 if fastest == "ncnn@1" else calibration["threads"])
-    # A new stage (a new worker) reuses the recorded decision instead of measuring again.
+    # A new stage (a new worker) reuses the recorded decision instead of measuring again, and
+    # builds only the engine it records.
+    built: list[str] = []
+
+    def counted(real):
+        def build(*args, **kwargs):
+            built.append(real.__name__)
+            return real(*args, **kwargs)
+
+        return build
+
+    monkeypatch.setattr(ncnn_runtime, "NcnnEngine", counted(NcnnEngine))
+    monkeypatch.setattr(openvino_runtime, "OpenVinoEngine", counted(OpenVinoEngine))
     second = UpscaleStage(options).run(_image(pixels), ctx)
+    expected = {"ncnn": ["NcnnEngine"], "openvino": ["OpenVinoEngine"]}
+    assert built == expected.get(fastest.split("@")[0].removesuffix("-bf16"), [])
     assert second.params["engine_calibration"]["cached"] is True
     assert second.params["engine_calibration"]["choice"] == fastest
     assert second.params["engine_calibration"]["measurements"] == calibration["measurements"]

@@ -30,6 +30,7 @@ __all__ = [
     "machine",
     "peak_rss_mb",
     "psnr8",
+    "recorded_decision",
 ]
 
 MIN_AGREEMENT_DB = 50.0
@@ -147,10 +148,10 @@ def calibrate(
     `engines` must hold "torch", the fp32 reference. Returns (choice, measurements, cached):
     a decision already recorded under `key` in the `decisions` file is reused as it is.
     """
-    record_key = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()
-    recorded = _read(decisions).get(record_key)
-    if recorded is not None and recorded.get("choice") in engines:
-        return recorded["choice"], [Measurement(**m) for m in recorded["measurements"]], True
+    recorded = recorded_decision(decisions, key, set(engines))
+    if recorded is not None:
+        return *recorded, True
+    record_key = _record_key(key)
     batch = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))[None]
     reference, seconds, peak = _measure(engines["torch"], batch)
     results = [_judge("torch", seconds, peak, None, memory_mb)]
@@ -179,6 +180,24 @@ def calibrate(
     decisions.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(decisions, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
     return choice, results, False
+
+
+def recorded_decision(
+    decisions: Path, key: Mapping[str, Any], names: set[str]
+) -> tuple[str, list[Measurement]] | None:
+    """The choice and measurements already recorded under `key`, when the choice is among
+    `names` (the engines available now); None: calibrate."""
+    recorded = _read(decisions).get(_record_key(key))
+    if recorded is None or recorded.get("choice") not in names:
+        return None
+    try:
+        return recorded["choice"], [Measurement(**m) for m in recorded["measurements"]]
+    except (KeyError, TypeError):  # a record written by another version: measure again
+        return None
+
+
+def _record_key(key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()
 
 
 def _judge(

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,12 @@ import torch
 
 from pipeline.errors import StageError
 from pipeline.runtimes import ENGINES
-from pipeline.runtimes.calibration import DECISIONS_NAME, calibrate, machine
+from pipeline.runtimes.calibration import (
+    DECISIONS_NAME,
+    calibrate,
+    machine,
+    recorded_decision,
+)
 from pipeline.runtimes.ncnn_writer import Unconvertible
 from pipeline.stage import StageContext
 from pipeline.tiling import (
@@ -127,7 +133,7 @@ class EngineCache:
             "engine": "ncnn",
             "device": f"vulkan:{index}",
             "gpu": gpu.gpu,
-            **_converted_params(gpu, files.sha256),
+            **_converted_params(gpu.version, gpu.threads, files.sha256),
         }
 
     def _choose(
@@ -150,14 +156,22 @@ class EngineCache:
             return base, _on_torch(params, engine, reason)
         cache_dir = Path(ctx.models.cache_dir)
         weights = _weights_key(params)
-        candidates: dict[str, Any] = {"torch": base}
+        # Each candidate as a builder: where the decision is already recorded, only the chosen
+        # engine is built (a worker's start skips loading ncnn twice and reading OpenVINO's IR).
+        builders: dict[str, Callable[[], Any]] = {"torch": lambda: base}
+        versions: dict[str, str] = {"torch": torch.__version__}
         fallbacks: dict[str, str] = {}
         converted: dict[str, dict[str, Any]] = {}
         threads = torch.get_num_threads()
         ncnn_runtime = None
         if engine in ("ncnn", "auto"):
             try:
-                from pipeline.runtimes.ncnn import RUNTIME_REVISION, NcnnEngine, convert_ncnn
+                from pipeline.runtimes.ncnn import (
+                    RUNTIME_REVISION,
+                    NcnnEngine,
+                    convert_ncnn,
+                    ncnn_version,
+                )
 
                 ncnn_runtime = RUNTIME_REVISION
                 files = convert_ncnn(base.descriptor, weights, cache_dir)
@@ -165,39 +179,45 @@ class EngineCache:
                 # (measured here: 1.5x faster at load 10 on 2 cores): `auto` times both.
                 for count in sorted({threads, 1}, reverse=True):
                     label = "ncnn" if count == threads else f"ncnn@{count}"
-                    candidates[label] = NcnnEngine(base.descriptor, files, threads=count)
-                    converted[label] = _converted_params(candidates[label], files.sha256)
+                    builders[label] = partial(NcnnEngine, base.descriptor, files, threads=count)
+                    versions[label] = ncnn_version()
+                    converted[label] = _converted_params(versions[label], count, files.sha256)
             except (ImportError, Unconvertible) as exc:
                 fallbacks["ncnn"] = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: ncnn engine unavailable: %s", params.get("model"), exc)
         if engine in ("openvino", "auto"):
             try:
-                from pipeline.runtimes.openvino import OpenVinoEngine, convert_openvino
+                from pipeline.runtimes.openvino import (
+                    OpenVinoEngine,
+                    convert_openvino,
+                    openvino_version,
+                )
 
                 files = convert_openvino(base.descriptor, weights, cache_dir)
-                candidates["openvino"] = OpenVinoEngine(base.descriptor, files, threads=threads)
-                converted["openvino"] = _converted_params(candidates["openvino"], files.sha256)
+                twins = ("fp32", "bf16") if engine == "auto" and bf16 else ("fp32",)
+                for precision in twins:
+                    label = "openvino" if precision == "fp32" else "openvino-bf16"
+                    builders[label] = partial(
+                        OpenVinoEngine, base.descriptor, files, threads=threads, precision=precision
+                    )
+                    versions[label] = openvino_version()
+                    converted[label] = _converted_params(versions[label], threads, files.sha256)
             except (ImportError, Unconvertible) as exc:
                 fallbacks["openvino"] = f"{type(exc).__name__}: {exc}"
                 log.warning("%s: openvino engine unavailable: %s", params.get("model"), exc)
-        if engine == "auto" and bf16:
-            if base.descriptor.supports_bfloat16:
-                candidates["torch-bf16"] = Engine(base.descriptor, device="cpu", precision="bf16")
-            if "openvino" in candidates:
-                vino = candidates["openvino"]
-                candidates["openvino-bf16"] = type(vino)(
-                    base.descriptor, vino.converted, threads=threads, precision="bf16"
-                )
-                converted["openvino-bf16"] = converted["openvino"]
-        if engine != "auto" or len(candidates) == 1:
-            if engine not in candidates:  # nothing to measure torch against: torch, and why
+        if engine == "auto" and bf16 and base.descriptor.supports_bfloat16:
+            builders["torch-bf16"] = partial(
+                Engine, base.descriptor, device="cpu", precision="bf16"
+            )
+            versions["torch-bf16"] = torch.__version__
+        if engine != "auto" or len(builders) == 1:
+            if engine not in builders:  # nothing to measure torch against: torch, and why
                 reason = "; ".join(f"{k}: {v}" for k, v in fallbacks.items())
                 return base, _on_torch(params, engine, reason)
-            return candidates[engine], {**params, "engine": engine, **converted[engine]}
+            return builders[engine](), {**params, "engine": engine, **converted[engine]}
         if sample is None:
             raise StageError("engine auto: calibration needs a sample tile")
         tile = sample(base.descriptor)
-        versions = {n: getattr(e, "version", torch.__version__) for n, e in candidates.items()}
         decision_key = {
             "weights": weights,
             "tile": list(tile.shape),
@@ -208,13 +228,17 @@ class EngineCache:
             "ncnn_runtime": ncnn_runtime,
             "bf16": bf16,
         }
-        choice, measured, cached = calibrate(
-            candidates,
-            tile,
-            memory_mb=memory_mb,
-            decisions=cache_dir / "converted" / DECISIONS_NAME,
-            key=decision_key,
-        )
+        decisions = cache_dir / "converted" / DECISIONS_NAME
+        recorded = recorded_decision(decisions, decision_key, set(builders))
+        if recorded is not None:
+            choice, measured = recorded
+            chosen, cached = builders[choice](), True
+        else:
+            candidates = {name: build() for name, build in builders.items()}
+            choice, measured, cached = calibrate(
+                candidates, tile, memory_mb=memory_mb, decisions=decisions, key=decision_key
+            )
+            chosen = candidates[choice]
         name = choice.split("@")[0].removesuffix("-bf16")
         chosen_params = torch_params if name == "torch" else {**params, "engine": name}
         if choice.endswith("-bf16"):
@@ -227,7 +251,7 @@ class EngineCache:
             "measurements": [m.__dict__ for m in measured],
             "unavailable": fallbacks,
         }
-        return candidates[choice], {
+        return chosen, {
             **chosen_params,
             **converted.get(choice, {}),
             "engine_requested": "auto",
@@ -262,13 +286,9 @@ def _on_torch(
     return recorded
 
 
-def _converted_params(engine: Any, sha256: dict[str, str]) -> dict[str, Any]:
+def _converted_params(version: str, threads: int, sha256: dict[str, str]) -> dict[str, Any]:
     """What provenance records of a converted engine: its version, threads and files' hashes."""
-    return {
-        "engine_version": engine.version,
-        "engine_threads": engine.threads,
-        "converted_sha256": sha256,
-    }
+    return {"engine_version": version, "engine_threads": threads, "converted_sha256": sha256}
 
 
 def _weights_key(params: dict[str, Any]) -> str:
