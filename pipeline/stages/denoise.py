@@ -103,15 +103,13 @@ class DenoiseStage:
     def _engine(self, ref: str, image: Image, ctx: StageContext) -> tuple[Engine, dict[str, Any]]:
         opts = self.options
         load = registered_loader(ctx, ref, _require_denoiser)
-        return self._engines.get(
+        return self._engines.for_stage(
             ref,
             ctx,
-            opts.precision,
+            opts,
             load,
-            engine=opts.engine or ctx.engine,
-            sample=lambda model: centre_tile(image.pixels, model, opts.tile, opts.overlap),
-            memory_mb=opts.engine_memory_mb,
-            bit_depth=image.bit_depth,
+            lambda model: centre_tile(image.pixels, model, opts.tile, opts.overlap),
+            image.bit_depth,
         )
 
 

@@ -96,6 +96,29 @@ class EngineCache:
                 )
         return self._engines[key]
 
+    def for_stage(
+        self,
+        ref: str,
+        ctx: StageContext,
+        options: Any,
+        load: Loader,
+        sample: Callable[[Any], np.ndarray],
+        bit_depth: int,
+    ) -> tuple[Any, dict[str, Any]]:
+        """`get` as a model stage calls it, from its options: `precision`, `engine` (None: the
+        context's [processing].engine), `engine_memory_mb`, and `compile` where it has one."""
+        return self.get(
+            ref,
+            ctx,
+            options.precision,
+            load,
+            compile=getattr(options, "compile", False),
+            engine=options.engine or ctx.engine,
+            sample=sample,
+            memory_mb=options.engine_memory_mb,
+            bit_depth=bit_depth,
+        )
+
     def _torch(
         self, ref: str, device: str, wanted: str, load: Loader, compile: bool
     ) -> tuple[Engine, dict[str, Any]]:

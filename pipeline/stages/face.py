@@ -180,17 +180,10 @@ class FaceStage:
                 "architecture": loaded.descriptor.architecture.id,
             }
 
-        engine, params = self._engines.get(
-            ref,
-            ctx,
-            opts.precision,
-            load,
-            engine=opts.engine or ctx.engine,
-            sample=lambda _: _crop(image.pixels, affine),
-            memory_mb=opts.engine_memory_mb,
-            bit_depth=image.bit_depth,
-        )
-        return engine, params
+        def first_face(_: Any) -> np.ndarray:
+            return _crop(image.pixels, affine)
+
+        return self._engines.for_stage(ref, ctx, opts, load, first_face, image.bit_depth)
 
 
 def _target_scale(image: Image, target: Image) -> tuple[float, float]:

@@ -135,17 +135,8 @@ class UpscaleStage:
             load = registered_loader(ctx, opts.model, _require_sr)
         else:
             load = partial(self._load_interpolated, ctx)
-        return self._engines.get(
-            opts.model,
-            ctx,
-            opts.precision,
-            load,
-            compile=opts.compile,
-            engine=opts.engine or ctx.engine,
-            sample=lambda descriptor: self._sample(image, descriptor),
-            memory_mb=opts.engine_memory_mb,
-            bit_depth=image.bit_depth,
-        )
+        sample = partial(self._sample, image)
+        return self._engines.for_stage(opts.model, ctx, opts, load, sample, image.bit_depth)
 
     def _sample(self, image: Image, descriptor: Any) -> np.ndarray:
         if image.channels == 3 and descriptor.input_channels == 1:

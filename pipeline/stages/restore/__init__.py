@@ -5,6 +5,7 @@ reported as a mask of invented pixels)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import cv2
@@ -213,16 +214,8 @@ class RestoreStage:
     ) -> tuple[Any, dict[str, Any]]:
         """A model's engine; `auto` calibrates on a tile from the middle of `pixels`."""
         opts = self.options
-        return self._engines.get(
-            ref,
-            ctx,
-            opts.precision,
-            load,
-            engine=opts.engine or ctx.engine,
-            sample=lambda descriptor: centre_tile(pixels, descriptor, opts.tile, overlap),
-            memory_mb=opts.engine_memory_mb,
-            bit_depth=bit_depth,
-        )
+        sample = partial(centre_tile, pixels, tile=opts.tile, overlap=overlap)
+        return self._engines.for_stage(ref, ctx, opts, load, sample, bit_depth)
 
     def _inpaint_learned(self, out: np.ndarray, mask: np.ndarray, ctx: StageContext) -> dict:
         opts = self.options
