@@ -257,11 +257,14 @@ class EngineCache:
             choice, measured = recorded
             chosen, cached = builders[choice](), True
         else:
-            candidates = {name: build() for name, build in builders.items()}
             choice, measured, cached = calibrate(
-                candidates, tile, memory_mb=memory_mb, decisions=decisions, key=decision_key
+                builders | {"torch": base},
+                tile,
+                memory_mb=memory_mb,
+                decisions=decisions,
+                key=decision_key,
             )
-            chosen = candidates[choice]
+            chosen = builders[choice]()  # built again: calibration holds one candidate at a time
         name = choice.split("@")[0].removesuffix("-bf16")
         chosen_params = torch_params if name == "torch" else {**params, "engine": name}
         if choice.endswith("-bf16"):
