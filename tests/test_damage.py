@@ -97,3 +97,27 @@ def test_graphics_are_drawn_seeded_and_are_never_the_target():
     assert not dmg.damage(page, np.random.default_rng(2), amount=0.0).mask.any()
     hurt = dmg.damage(page, np.random.default_rng(2), amount=3.0)
     assert 0 < hurt.mask.mean() < 0.5
+
+
+def test_the_training_target_is_the_visible_core_and_the_faint_skirt_costs_nothing():
+    """The loss learns the defects' clearly visible cores; the skirt a defect moved by less than
+    CORE (often hidden under grain) and the ring around the cores are left out of the loss,
+    while a detection on undamaged picture still costs."""
+    import torch
+
+    from training.train_defects import CORE, loss_fn, target_and_care
+
+    coverage = torch.zeros(1, 1, 40, 40)
+    coverage[..., 10:13, 5:25] = 0.5  # a scratch's core
+    coverage[..., 9, 5:25] = (dmg.COVER + CORE) / 2  # its faint skirt: damage, but not the target
+    coverage[..., 30, 5:25] = dmg.COVER / 2  # moved by less than COVER: not damage at all
+    target, care = target_and_care(coverage)
+    assert target[..., 10:13, 5:25].all() and target.sum() == 60
+    assert not care[..., 8:10, 5:25].any() and not care[..., 13:15, 5:25].any()  # skirt, ring
+    assert care[..., 16:, :].all() and care[..., 10:13, 5:25].all()
+    right = torch.where(target > 0, 6.0, -6.0)  # sure of the core, sure of the rest
+    on_skirt, on_picture = right.clone(), right.clone()
+    on_skirt[..., 8:10, 5:25] = 6.0  # also fires on the skirt and the ring
+    on_picture[..., 30, 5:25] = 6.0  # fires on undamaged picture
+    assert loss_fn(on_skirt, coverage) == pytest.approx(loss_fn(right, coverage).item())
+    assert loss_fn(on_picture, coverage) > loss_fn(right, coverage) + 0.1

@@ -47,6 +47,7 @@ SKIMAGE_PHOTOS = (
 class Damaged:
     pixels: np.ndarray  # (H, W, 1) luma in 0..1 after damage and degradations
     mask: np.ndarray  # (H, W) float32: 1 on damaged pixels
+    coverage: np.ndarray  # (H, W) float32: how far the defects moved each pixel (0..1)
 
 
 def training_images(corpus: Path | None) -> list[Path]:
@@ -100,12 +101,16 @@ def _scratch(layer: np.ndarray, rng: np.random.Generator) -> None:
 def _speck(layer: np.ndarray, rng: np.random.Generator) -> None:
     h, w = layer.shape
     centre = (int(rng.uniform(0, w) * _SUB), int(rng.uniform(0, h) * _SUB))
-    r = rng.uniform(0.6, 5.0) if rng.random() < 0.85 else rng.uniform(5, 9)
+    # Radius up to 6.5 px, lobes included within about 2r: dust, not a feature of the picture.
+    # Recipe v2 drew blobs up to 9 px with lobes strewn 0.7r apart (25 px across): the network
+    # learnt that any smooth bright or dark patch 20 px wide may be dust (a butterfly's wing
+    # cells, a pepper's highlights).
+    r = rng.uniform(0.6, 4.0) if rng.random() < 0.7 else rng.uniform(4.0, 6.5)
     axes = (int(r * _SUB), int(r * rng.uniform(0.4, 1.0) * _SUB))
     cv2.ellipse(layer, centre, axes, rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA, 4)
     if r > 2.5 and rng.random() < 0.5:  # irregular blob: a few overlapping lobes
         for _ in range(int(rng.integers(1, 4))):
-            dx, dy = rng.normal(0, r * 0.7 * _SUB, 2)
+            dx, dy = np.clip(rng.normal(0, r * 0.5, 2), -r, r) * _SUB
             lobe = (int(centre[0] + dx), int(centre[1] + dy))
             size = (int(r * rng.uniform(0.3, 0.7) * _SUB),) * 2
             cv2.ellipse(layer, lobe, size, 0, 0, 360, 255, -1, cv2.LINE_AA, 4)
@@ -330,4 +335,4 @@ def damage(clean: np.ndarray, rng: np.random.Generator, *, amount: float = 1.0) 
     if rng.random() < 0.35:
         y = _jpeg(y, int(rng.integers(40, 96)))
     mask = (coverage >= COVER).astype(np.float32)
-    return Damaged(np.clip(y, 0, 1)[:, :, None].astype(np.float32), mask)
+    return Damaged(np.clip(y, 0, 1)[:, :, None].astype(np.float32), mask, coverage)
