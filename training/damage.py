@@ -46,8 +46,12 @@ SKIMAGE_PHOTOS = (
 @dataclass(frozen=True)
 class Damaged:
     pixels: np.ndarray  # (H, W, 1) luma in 0..1 after damage and degradations
-    mask: np.ndarray  # (H, W) float32: 1 on damaged pixels
     coverage: np.ndarray  # (H, W) float32: how far the defects moved each pixel (0..1)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) float32: 1 on damaged pixels (moved by COVER or more)."""
+        return (self.coverage >= COVER).astype(np.float32)
 
 
 def training_images(corpus: Path | None) -> list[Path]:
@@ -334,5 +338,4 @@ def damage(clean: np.ndarray, rng: np.random.Generator, *, amount: float = 1.0) 
         y = y + rng.normal(0, 0.004, (y.shape[0], 1)).astype(np.float32)
     if rng.random() < 0.35:
         y = _jpeg(y, int(rng.integers(40, 96)))
-    mask = (coverage >= COVER).astype(np.float32)
-    return Damaged(np.clip(y, 0, 1)[:, :, None].astype(np.float32), mask, coverage)
+    return Damaged(np.clip(y, 0, 1)[:, :, None].astype(np.float32), coverage.astype(np.float32))

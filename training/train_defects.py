@@ -91,9 +91,9 @@ def batch(
     size: int,
     rng: np.random.Generator,
     graphics_share: float = GRAPHICS_SHARE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Damaged crops (N, 1, H, W), their masks of damage (moved by >= COVER) and coverage."""
-    xs, ys, cs = [], [], []
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damaged crops (N, 1, H, W) and how far the defects moved each of their pixels."""
+    xs, cs = [], []
     for _ in range(count):
         image = images[int(rng.integers(len(images)))]
         amount = 0.0 if rng.random() < CLEAN_SHARE else rng.uniform(0.5, 2.0)
@@ -102,13 +102,8 @@ def batch(
             image = graphics(big, rng, photo=crop(image, big, rng))
         hurt = damage(crop(image, size, rng), rng, amount=amount)
         xs.append(hurt.pixels.transpose(2, 0, 1))
-        ys.append(hurt.mask[None])
         cs.append(hurt.coverage[None])
-    return (
-        torch.from_numpy(np.stack(xs)),
-        torch.from_numpy(np.stack(ys)),
-        torch.from_numpy(np.stack(cs)),
-    )
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(cs))
 
 
 def grow(mask: torch.Tensor, pixels: int = RING) -> torch.Tensor:
@@ -149,11 +144,12 @@ def validate(
     as right (the harness's damaged region is the damage dilated by 2 px). `clean_marked`: the
     share of the undamaged crops' pixels marked."""
     model.eval()
-    xs, ys = val[0], val[1]
+    xs, coverage = val
     prob = torch.cat([model(xs[i : i + 8]) for i in range(0, len(xs), 8)])[:, 0].numpy()
     model.train()
-    truth = ys[:, 0].numpy() > 0.5
-    near = grow(ys > 0.5, 2)[:, 0].numpy() > 0
+    damaged = coverage >= COVER  # the harness's definition of damage, not the core target
+    truth = damaged[:, 0].numpy()
+    near = grow(damaged, 2)[:, 0].numpy() > 0
     clean = ~truth.any(axis=(1, 2))
     rows = []
     for threshold in thresholds:
@@ -243,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     held = load_images(val_paths)
     val = batch(held, 80, 128, np.random.default_rng(SEED + 1), graphics_share=0.0)
     drawn = batch(held, VALIDATION_GRAPHICS, 128, np.random.default_rng(SEED + 2), 1.0)
-    val = tuple(torch.cat([a, b]) for a, b in zip(val, drawn, strict=True))
+    val = (torch.cat([val[0], drawn[0]]), torch.cat([val[1], drawn[1]]))
     if args.evaluate is not None:
         return evaluate(args.evaluate, val, args.card)
     if args.out is None:
@@ -266,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     history, started, running = [], time.time(), 0.0
     for step in range(1, args.steps + 1):
-        x, _, coverage = batch(train, args.batch, args.size, rng)
+        x, coverage = batch(train, args.batch, args.size, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             logits = model.logits(x)
         loss = loss_fn(logits.float(), coverage)

@@ -13,7 +13,7 @@ from pipeline import buffers
 from pipeline.stages.restore.shared import BAND_ROWS, MAX_BYTES_IN_RAM
 from pipeline.tiling import Engine, TileSettings, luma, run_tiled
 
-__all__ = ["GROW", "HALO", "LEARNED_OVERLAP", "detect_learned", "mask_from_probability"]
+__all__ = ["HALO", "LEARNED_OVERLAP", "detect_learned", "mask_from_probability"]
 
 # The U-Net sees 8 px at its coarsest level through 3x3 convolutions: 32 px of overlap keep
 # tiled probabilities within float rounding of whole-image ones.
@@ -23,7 +23,7 @@ LEARNED_OVERLAP = 32
 _PLANE_BYTES_IN_RAM = 32 << 20
 # Hysteresis: a detection (probability >= threshold) extends over up to _REACH pixels of
 # connected, less certain probability (>= _SUPPORT x threshold), the faint ends and edges of a
-# defect the network is sure of; then the mask is grown by GROW pixels to cover the soft,
+# defect the network is sure of; then the mask is grown by _GROW pixels to cover the soft,
 # anti-aliased skirt that grain hides from the network (since recipe v4 the network is trained
 # on the defects' clearly visible cores only, training/train_defects.py). On the harness's
 # damage, perfect cores grown by 1 px cover 91 % of the pixels a defect moved by 2/255 or more
@@ -32,8 +32,8 @@ _PLANE_BYTES_IN_RAM = 32 << 20
 # 4.25 dB outside it against 3.80: 1 px stays.
 _SUPPORT = 0.5
 _REACH = 2
-GROW = 1
-HALO = _REACH + GROW  # rows of context a band of the mask needs on each side
+_GROW = 1
+HALO = _REACH + _GROW  # rows of context a band of the mask needs on each side
 
 
 def mask_from_probability(probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -46,7 +46,7 @@ def mask_from_probability(probability: np.ndarray, threshold: float) -> np.ndarr
     cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
     for _ in range(_REACH):
         seed = cv2.dilate(seed, cross) & support
-    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * GROW + 1,) * 2)
+    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _GROW + 1,) * 2)
     return cv2.dilate(seed, grow) * np.uint8(255)
 
 
