@@ -95,14 +95,17 @@ def nearest_compact(path: Path | str, scale: int = 2, *, seed: int = 0) -> Path:
     return _save(path, {"params": model.state_dict()})
 
 
-def random_defectunet(path: Path | str, *, width: int = 4, seed: int = 0) -> Path:
-    """The project's DefectUNet, randomly initialised, saved as safetensors as it ships."""
+def random_defectunet(
+    path: Path | str, *, width: int = 4, seed: int = 0, colour: bool = False
+) -> Path:
+    """The project's DefectUNet (luma, or colour: RGB in), randomly initialised, saved as
+    safetensors as it ships."""
     from safetensors.torch import save_file
 
     from pipeline.models.defectnet import DefectUNet
 
     with _seeded(seed):
-        model = DefectUNet(width)
+        model = DefectUNet(width, colour)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -27,9 +27,26 @@ def test_the_same_seed_draws_the_same_damage_and_another_seed_other_damage():
     np.testing.assert_array_equal(first.pixels, again.pixels)
     np.testing.assert_array_equal(first.mask, again.mask)
     assert not np.array_equal(first.mask, other.mask)
-    assert first.pixels.shape == (128, 128, 1) and first.pixels.dtype == np.float32
+    assert first.pixels.shape == (128, 128, 3) and first.pixels.dtype == np.float32
     assert first.mask.shape == (128, 128) and set(np.unique(first.mask)) <= {0.0, 1.0}
     assert first.pixels.min() >= 0 and first.pixels.max() <= 1
+
+
+def test_a_grey_original_stays_grey_through_damage_and_degradations_and_colour_stays_colour():
+    """The colour network learns that a grey scan has no chroma to go by: grain, noise and
+    JPEG never put colour into a grey crop, while a colour crop keeps its chroma."""
+    clean = clean_crop()
+    grey = np.repeat(clean @ np.array([0.299, 0.587, 0.114], np.float32)[:, None], 3, 1)
+    grey = grey.reshape(clean.shape)
+    for seed in range(6):
+        hurt = dmg.damage(grey, np.random.default_rng(seed), amount=2.0)
+        assert hurt.mask.any()
+        np.testing.assert_array_equal(hurt.pixels[:, :, 0], hurt.pixels[:, :, 2])
+    chroma = [
+        np.abs(np.diff(dmg.damage(clean, np.random.default_rng(s)).pixels, axis=2)).mean()
+        for s in range(6)
+    ]
+    assert max(chroma) > 0.02  # chelsea is a ginger cat: untoned crops keep their colour
 
 
 def test_the_mask_is_exactly_where_the_defects_moved_pixels_visibly():

@@ -504,8 +504,11 @@ def test_lama_inpaints_through_the_store_and_records_its_hash(tmp_path, ctx):
 # --- the learned detector (DefectUNet), random weights of the real architecture -------------
 
 
-def test_the_learned_detector_runs_tiled_through_the_store_and_records_its_hash(tmp_path, ctx):
-    weights = random_defectunet(tmp_path / "defects.safetensors")
+@pytest.mark.parametrize("colour", [False, True], ids=["luma", "colour"])
+def test_the_learned_detector_runs_tiled_through_the_store_and_records_its_hash(
+    tmp_path, ctx, colour
+):
+    weights = random_defectunet(tmp_path / "defects.safetensors", colour=colour)
     image = clean_image("Set5/HR/baby.png")
     crop = image.replace(pixels=np.ascontiguousarray(image.pixels[100:260, 50:250]))
     options = {"colour": False, "detector": "learned", "detector_model": str(weights)}
@@ -523,8 +526,11 @@ def test_the_learned_detector_runs_tiled_through_the_store_and_records_its_hash(
     np.testing.assert_array_equal(tiled.image.pixels[untouched], crop.pixels[untouched])
 
 
-def test_the_learned_detector_runs_on_openvino_and_auto_records_its_measured_choice(tmp_path, ctx):
-    weights = random_defectunet(tmp_path / "defects.safetensors")
+@pytest.mark.parametrize("colour", [False, True], ids=["luma", "colour"])
+def test_the_learned_detector_runs_on_openvino_and_auto_records_its_measured_choice(
+    tmp_path, ctx, colour
+):
+    weights = random_defectunet(tmp_path / "defects.safetensors", colour=colour)
     image = clean_image("Set5/HR/baby.png")
     crop = image.replace(pixels=np.ascontiguousarray(image.pixels[100:260, 50:250]))
     options = {"colour": False, "detector": "learned", "detector_model": str(weights)}
@@ -545,11 +551,12 @@ def test_the_learned_detector_runs_on_openvino_and_auto_records_its_measured_cho
     assert np.count_nonzero(auto.mask != on_torch.mask) <= 2
 
 
+@pytest.mark.parametrize("colour", [False, True], ids=["luma-net", "colour-net"])
 @pytest.mark.parametrize(
     ("relative", "bits"), [("Set14/HR/bridge.png", 8), ("Set5/HR/head.png", 16)]
 )
-def test_the_learned_path_keeps_greyscale_and_16_bit(tmp_path, ctx, relative, bits):
-    weights = random_defectunet(tmp_path / "defects.safetensors")
+def test_the_learned_path_keeps_greyscale_and_16_bit(tmp_path, ctx, relative, bits, colour):
+    weights = random_defectunet(tmp_path / "defects.safetensors", colour=colour)
     image = clean_image(relative)
     pixels = np.ascontiguousarray(image.pixels[:96, :128])
     if bits == 16:  # true 16-bit levels: a gentle ramp of less than one 8-bit step

@@ -45,7 +45,7 @@ SKIMAGE_PHOTOS = (
 
 @dataclass(frozen=True)
 class Damaged:
-    pixels: np.ndarray  # (H, W, 1) luma in 0..1 after damage and degradations
+    pixels: np.ndarray  # (H, W, 3) RGB in 0..1 after damage and degradations
     coverage: np.ndarray  # (H, W) float32: how far the defects moved each pixel (0..1)
 
     @property
@@ -277,7 +277,10 @@ def draw_defects(
             opacity = rng.uniform(0.55, 1.0)
             bright = rng.random() < (0.6 if kind in ("scratch", "speck") else 0.25)
             value = rng.uniform(0.85, 1.0) if bright else rng.uniform(0.0, 0.15)
-            tint = np.clip(value + rng.normal(0, 0.03, out.shape[2]), 0, 1).astype(np.float32)
+            # Near neutral (dust, paper showing through), but a share of fibres and of
+            # scratches into a colour print's dye layers carries its own colour.
+            spread = 0.2 if kind in ("hair", "scratch") and rng.random() < 0.2 else 0.03
+            tint = np.clip(value + rng.normal(0, spread, out.shape[2]), 0, 1).astype(np.float32)
             a = (alpha * opacity)[:, :, None]
             out = out * (1 - a) + tint * a
     coverage = np.abs(out - rgb).max(axis=2)
@@ -299,43 +302,59 @@ def _tone(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rgb
 
 
-def _halftone(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _halftone(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A printed halftone screen (one screen for every channel, the look of a newspaper or
+    book reproduction scanned again)."""
     period = rng.uniform(3, 6)
-    yy, xx = np.mgrid[0 : y.shape[0], 0 : y.shape[1]].astype(np.float32)
+    yy, xx = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]].astype(np.float32)
     angle = math.radians(45)
     u = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period
     v = (-xx * math.sin(angle) + yy * math.cos(angle)) * 2 * math.pi / period
-    screen = (np.cos(u) * np.cos(v) + 1) / 2
-    dots = (y > screen).astype(np.float32)
-    return cv2.GaussianBlur(dots, (0, 0), period / 3) * 0.6 + y * 0.4
+    screen = ((np.cos(u) * np.cos(v) + 1) / 2)[:, :, None]
+    dots = (rgb > screen).astype(np.float32)
+    return cv2.GaussianBlur(dots, (0, 0), period / 3) * 0.6 + rgb * 0.4
 
 
-def _jpeg(y: np.ndarray, quality: int) -> np.ndarray:
-    ok, data = cv2.imencode(".jpg", np.rint(np.clip(y, 0, 1) * 255).astype(np.uint8),
-                            [cv2.IMWRITE_JPEG_QUALITY, quality])  # fmt: skip
+def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """A JPEG round trip (colour with 4:2:0 chroma subsampling, OpenCV's default)."""
+    bgr = np.rint(np.clip(rgb[:, :, ::-1], 0, 1) * 255).astype(np.uint8)
+    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
-    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].astype(np.float32) / 255
+
+
+def _grain(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Unit film grain over (H, W, 3): mostly shared by the three dye layers (so mostly
+    luminance), partly their own; clumped (blurred) half the time."""
+    shared = rng.normal(0, 1, (*shape[:2], 1)).astype(np.float32)
+    own = rng.normal(0, 1, (*shape[:2], 3)).astype(np.float32)
+    grain = 0.85 * shared + 0.5 * own
+    if rng.random() < 0.5:
+        grain = cv2.GaussianBlur(grain, (0, 0), 0.7) * 1.8
+    return grain
 
 
 def damage(clean: np.ndarray, rng: np.random.Generator, *, amount: float = 1.0) -> Damaged:
-    """A damaged, degraded luma crop of `clean` (H, W, C float32 in 0..1) and its target mask.
-    Degradations come after the damage, as on a real scan of a damaged print."""
+    """A damaged, degraded RGB crop of `clean` (H, W, C float32 in 0..1) and how far the
+    defects moved each pixel. Degradations come after the damage, as on a real scan of a
+    damaged print; a grey original (or a crop toned grey) stays grey, chroma zero."""
     rgb = clean if clean.shape[2] == 3 else np.repeat(clean, 3, 2)
     rgb = _tone(rgb.astype(np.float32), rng)
-    damaged, coverage = draw_defects(rgb, rng, amount=amount)
-    y = _luma(damaged).astype(np.float32)
+    x, coverage = draw_defects(rgb, rng, amount=amount)
+    x = x.astype(np.float32)
+    grey = bool(np.all(rgb[:, :, :1] == rgb))
     if rng.random() < 0.3:  # optical blur of the scanner or enlarger
-        y = cv2.GaussianBlur(y, (0, 0), rng.uniform(0.3, 1.0))
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.0))
     if rng.random() < 0.08:
-        y = _halftone(y, rng)
+        x = _halftone(x, rng)
     if rng.random() < 0.6:  # film grain: luminance-dependent, slightly clumped
-        grain = rng.normal(0, 1, y.shape).astype(np.float32)
-        if rng.random() < 0.5:
-            grain = cv2.GaussianBlur(grain, (0, 0), 0.7) * 1.8
-        y = y + grain * rng.uniform(0.005, 0.05) * np.sqrt(np.clip(y, 0.02, 1))
+        grain = _grain(x.shape, rng)
+        x = x + grain * rng.uniform(0.005, 0.05) * np.sqrt(np.clip(x, 0.02, 1))
     if rng.random() < 0.4:  # scanner noise: white noise and faint row streaks
-        y = y + rng.normal(0, rng.uniform(0.002, 0.02), y.shape).astype(np.float32)
-        y = y + rng.normal(0, 0.004, (y.shape[0], 1)).astype(np.float32)
+        x = x + rng.normal(0, rng.uniform(0.002, 0.02), x.shape).astype(np.float32)
+        x = x + rng.normal(0, 0.004, (x.shape[0], 1, 1)).astype(np.float32)
     if rng.random() < 0.35:
-        y = _jpeg(y, int(rng.integers(40, 96)))
-    return Damaged(np.clip(y, 0, 1)[:, :, None].astype(np.float32), coverage.astype(np.float32))
+        x = _jpeg(x, int(rng.integers(40, 96)))
+    if grey:  # a grey scan stays grey whatever its grain and noise
+        x = np.repeat(_luma(x)[:, :, None], 3, 2)
+    return Damaged(np.clip(x, 0, 1).astype(np.float32), coverage.astype(np.float32))

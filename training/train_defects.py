@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.image import decode  # noqa: E402
-from pipeline.models.defectnet import DefectUNet  # noqa: E402
+from pipeline.models.defectnet import CHROMA_FEATURES, FEATURES, DefectUNet  # noqa: E402
 from pipeline.stages.restore.learned import mask_from_probability  # noqa: E402
 from pipeline.tiling import cpu_has_fast_bf16  # noqa: E402
 from training.damage import COVER, damage, graphics, training_images  # noqa: E402
@@ -92,7 +92,7 @@ def batch(
     rng: np.random.Generator,
     graphics_share: float = GRAPHICS_SHARE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Damaged crops (N, 1, H, W) and how far the defects moved each of their pixels."""
+    """Damaged RGB crops (N, 3, H, W) and how far the defects moved each of their pixels."""
     xs, cs = [], []
     for _ in range(count):
         image = images[int(rng.integers(len(images)))]
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision == "auto":
         args.precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     print(f"precision {args.precision} on {cpu_name()}", flush=True)
-    model = DefectUNet(args.width)
+    model = DefectUNet(args.width, colour=True)
     with torch.no_grad():  # start from the prior that damage is rare (as RetinaNet does)
         model.defectunet.head.bias.fill_(-2.0)
     params = sum(p.numel() for p in model.parameters())
@@ -314,7 +314,8 @@ def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor], card: Path |
     from pipeline.files import sha256_file
 
     state = load_file(str(weights))
-    model = DefectUNet(int(state["enc.0.0.weight"].shape[0]))
+    width, first = state["enc.0.0.weight"].shape[:2]
+    model = DefectUNet(int(width), colour=first == FEATURES + CHROMA_FEATURES)
     model.load_state_dict(state)
     sweep = validate(model, val)
     for row in sweep:
@@ -346,14 +347,17 @@ def save(model, args, history, params, train_paths, val_paths, seconds) -> None:
         "model": "DefectUNet",
         "parameters": params,
         "width": args.width,
+        "input": "RGB: the luma's features and the chroma's (pipeline.models.defectnet); a "
+        "grey crop has zero chroma",
         "licence": "the scanrestore project's own (trained here from CC0/public-domain images)",
         "data": {
             "train": [p.name for p in train_paths],
             "validation": [p.name for p in val_paths],
             "validation_crops": f"80 photograph crops + {VALIDATION_GRAPHICS} graphics crops "
             "(text, rules, outlines) on the validation images, all 128 px, seeded",
-            "damage": "training/damage.py: scratches, specks, hairs, cracks; tone (grey, "
-            "sepia, cyan, fade), blur, halftone, grain, scanner noise, JPEG, scale 0.5-1.25",
+            "damage": "training/damage.py: scratches, specks, hairs, cracks (near neutral, a "
+            "fifth of hairs and scratches coloured); tone (grey, sepia, cyan, fade), blur, "
+            "halftone, colour grain, scanner noise, colour JPEG, scale 0.5-1.25",
             "graphics": f"{GRAPHICS_SHARE:.0%} of crops drawn by training.damage.graphics "
             "(text, bullets, rules, tables, outlines, cartoon shapes) over paper or a photograph",
             "target": f"pixels the defects moved by {CORE:.4f} or more (the cores); the skirt "

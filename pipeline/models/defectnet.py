@@ -1,6 +1,7 @@
-"""DefectUNet: a small fully convolutional U-Net giving, for each pixel of a scan's luma, the
+"""DefectUNet: a small fully convolutional U-Net giving, for each pixel of a scan, the
 probability that it is dust, a scratch, a fibre or a crack; wrapped as a spandrel architecture
-so it runs tiled through the same engine as every other model."""
+so it runs tiled through the same engine as every other model. A luma network (recipes v1-v4)
+reads one channel; a colour network (recipe v5 on) reads RGB, the luma evidence plus chroma."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DEFECT_ARCH", "FEATURES", "DefectUNet", "defect_descriptor", "features"]
+__all__ = [
+    "CHROMA_FEATURES",
+    "DEFECT_ARCH",
+    "FEATURES",
+    "DefectUNet",
+    "chroma_features",
+    "defect_descriptor",
+    "features",
+]
 
 _MARKER = "defectunet.head.weight"  # a key no other architecture has
 
@@ -33,6 +42,9 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 # is too wide to be dust, the evidence that keeps wing cells and highlights out.
 _MORPH_SIDES = (5, 11, 19)
 FEATURES = 2 + 2 * len(_MORPH_SIDES)
+# A colour network's extra planes (chroma_features).
+CHROMA_FEATURES = 4
+_LUMA = (0.299, 0.587, 0.114)
 
 
 def _max(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -43,13 +55,16 @@ def _max(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.max_pool2d(F.pad(rows, (0, 0, half, half), mode="replicate"), (side, 1), stride=1)
 
 
+def _local_mean(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(F.pad(x, (7, 7, 7, 7), mode="replicate"), 15, stride=1)
+
+
 def features(x: torch.Tensor) -> torch.Tensor:
     """The luma centred by its local mean and by mid-grey (so that exposure and tone do not
     matter), and the white and black top-hats at each side in _MORPH_SIDES: the classic dust
     evidence (what sticks out brighter or darker than its surroundings), given to the network
     so that its few parameters go to telling damage from highlights and texture."""
-    local = F.avg_pool2d(F.pad(x, (7, 7, 7, 7), mode="replicate"), 15, stride=1)
-    planes = [x - local, x - 0.5]
+    planes = [x - _local_mean(x), x - 0.5]
     for side in _MORPH_SIDES:
         opened = _max(-_max(-x, side), side)
         closed = -_max(-_max(x, side), side)
@@ -57,16 +72,28 @@ def features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(planes, dim=1)
 
 
+def chroma_features(rgb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The colour differences R - Y and B - Y (how saturated the place is, zero on a grey
+    scan) and their departures from the local mean. Dust, a scratch through the emulsion or a
+    hair is near neutral, so it pulls a coloured place's chroma toward grey; a highlight, a
+    wing cell or a coloured line keeps its surroundings' hue or has its own."""
+    chroma = torch.cat([rgb[:, 0:1] - y, rgb[:, 2:3] - y], dim=1)
+    return torch.cat([chroma, chroma - _local_mean(chroma)], dim=1)
+
+
 class DefectUNet(nn.Module):
     """Four levels (widths w, 2w, 4w, 6w), max-pool down, bilinear up with skips; input
-    (N, 1, H, W) luma in 0..1 with H and W multiples of 8, output (N, 1, H, W) probabilities.
-    The network sees `features` of the luma, not the luma itself."""
+    (N, 1, H, W) luma, or (N, 3, H, W) RGB for a colour network, in 0..1 with H and W
+    multiples of 8; output (N, 1, H, W) probabilities. The network sees `features` of the
+    luma (and a colour network `chroma_features`), not the pixels themselves."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, colour: bool = False) -> None:
         super().__init__()
         w = width
         self.width = width
-        self.enc = nn.ModuleList([_block(FEATURES, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
+        self.colour = colour
+        first = FEATURES + (CHROMA_FEATURES if colour else 0)
+        self.enc = nn.ModuleList([_block(first, w), _block(w, 2 * w), _block(2 * w, 4 * w)])
         self.mid = _block(4 * w, 6 * w)
         self.dec = nn.ModuleList(
             [_block(6 * w + 4 * w, 4 * w), _block(4 * w + 2 * w, 2 * w), _block(2 * w + w, w)]
@@ -75,7 +102,11 @@ class DefectUNet(nn.Module):
         self.defectunet.head = nn.Conv2d(w, 1, 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = features(x)
+        if self.colour:
+            y = x[:, 0:1] * _LUMA[0] + x[:, 1:2] * _LUMA[1] + x[:, 2:3] * _LUMA[2]
+            h = torch.cat([features(y), chroma_features(x, y)], dim=1)
+        else:
+            h = features(x)
         skips = []
         for block in self.enc:
             h = block(h)
@@ -96,8 +127,11 @@ class _DefectArch(spandrel.Architecture[DefectUNet]):
         super().__init__(id="DefectUNet", detect=lambda state: _MARKER in state)
 
     def load(self, state_dict: spandrel.StateDict) -> spandrel.ImageModelDescriptor[DefectUNet]:
-        width = int(state_dict["enc.0.0.weight"].shape[0])
-        model = DefectUNet(width)
+        width, first = (int(n) for n in state_dict["enc.0.0.weight"].shape[:2])
+        if first not in (FEATURES, FEATURES + CHROMA_FEATURES):
+            raise ValueError(f"a first layer of {first} inputs is neither luma nor colour")
+        colour = first == FEATURES + CHROMA_FEATURES
+        model = DefectUNet(width, colour)
         model.load_state_dict(state_dict)
         model.eval()
         return spandrel.ImageModelDescriptor(
@@ -105,11 +139,11 @@ class _DefectArch(spandrel.Architecture[DefectUNet]):
             state_dict,
             architecture=self,
             purpose="Restoration",
-            tags=[f"{width}w"],
+            tags=[f"{width}w", "colour" if colour else "luma"],
             supports_half=True,
             supports_bfloat16=True,
             scale=1,
-            input_channels=1,
+            input_channels=3 if colour else 1,
             output_channels=1,
             size_requirements=spandrel.SizeRequirements(minimum=16, multiple_of=8),
         )

@@ -1,5 +1,6 @@
-"""Learned dust and scratch detection: the DefectUNet run tiled over the scan's luma through the
-shared engine, its probabilities thresholded band by band into the mask of pixels to repair."""
+"""Learned dust and scratch detection: the DefectUNet run tiled over the scan (its luma, or its
+RGB for a colour network) through the shared engine, its probabilities thresholded band by band
+into the mask of pixels to repair."""
 
 from __future__ import annotations
 
@@ -65,8 +66,11 @@ def detect_learned(
         max_bytes_in_ram=_PLANE_BYTES_IN_RAM,
         scratch_dir=scratch_dir,
     )
-    brightness = pixels if pixels.shape[2] == 1 else luma(pixels, settings)
-    tiled = run_tiled(engine, np.asarray(brightness), settings, progress=progress)
+    if engine.in_channels == 3:  # a colour network; a grey scan goes in as grey RGB
+        source = pixels if pixels.shape[2] == 3 else _grey_rgb(pixels, settings)
+    else:
+        source = pixels if pixels.shape[2] == 1 else luma(pixels, settings)
+    tiled = run_tiled(engine, np.asarray(source), settings, progress=progress)
     probability = tiled.pixels
     height, width = pixels.shape[:2]
     mask = buffers.allocate(
@@ -80,6 +84,22 @@ def detect_learned(
         buffers.release_rows(probability, start, stop)
         buffers.release_rows(mask, top, bottom)
     del probability
-    if brightness is not pixels:
-        del brightness
+    if source is not pixels:
+        del source
     return mask, {"tile": tiled.tile, "overlap": LEARNED_OVERLAP, "tiles": tiled.tiles}
+
+
+def _grey_rgb(pixels: np.ndarray, settings: TileSettings) -> np.ndarray:
+    """A grey scan's (H, W, 1) plane as (H, W, 3), band by band (on disk past the RAM cap)."""
+    out = buffers.allocate(
+        (*pixels.shape[:2], 3),
+        np.float32,
+        max_bytes_in_ram=settings.max_bytes_in_ram,
+        scratch_dir=settings.scratch_dir,
+    )
+    for top in range(0, pixels.shape[0], BAND_ROWS):
+        bottom = min(top + BAND_ROWS, pixels.shape[0])
+        out[top:bottom] = pixels[top:bottom]
+        buffers.release_rows(pixels, top, bottom)
+        buffers.release_rows(out, top, bottom)
+    return out
