@@ -138,3 +138,28 @@ def test_the_training_target_is_the_visible_core_and_the_faint_skirt_costs_nothi
     on_picture[..., 30, 5:25] = 6.0  # fires on undamaged picture
     assert loss_fn(on_skirt, coverage) == pytest.approx(loss_fn(right, coverage).item())
     assert loss_fn(on_picture, coverage) > loss_fn(right, coverage) + 0.1
+
+
+def test_a_crop_centred_on_a_hard_negative_contains_it_and_mining_finds_what_the_model_marks():
+    """Fine-tuning on hard negatives: a crop asked for around a point holds that point, and the
+    miner returns the places a network marks on undamaged images (none where it marks nothing)."""
+    import torch
+
+    from pipeline.models.defectnet import DefectUNet
+    from training.train_defects import crop, mine_hard_negatives
+
+    image = np.zeros((300, 400, 3), np.float32)
+    image[200:204, 300:304] = 1.0  # the one bright mark
+    for seed in range(8):
+        out = crop(image, 96, np.random.default_rng(seed), centre=(202, 302))
+        assert out.shape == (96, 96, 3) and out.max() > 0.5
+    model = DefectUNet(4, colour=True)
+    with torch.no_grad():
+        model.defectunet.head.bias.fill_(-30.0)  # sure that nothing is damage
+    assert mine_hard_negatives(model, [image]) == []
+    with torch.no_grad():  # probability 0.5 everywhere: the whole picture is one detection
+        model.defectunet.head.weight.zero_()
+        model.defectunet.head.bias.zero_()
+    marked = mine_hard_negatives(model, [image, image[:, :, :1]], threshold=0.4)
+    # The colour image as it is and as grey, the grey image once: each marked whole, at its centre.
+    assert marked == [(0, 149, 199), (0, 149, 199), (1, 149, 199)]

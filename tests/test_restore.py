@@ -573,6 +573,40 @@ def test_the_learned_path_keeps_greyscale_and_16_bit(tmp_path, ctx, relative, bi
         assert len(np.unique(np.rint(out.pixels * 65535) % 257)) > 100
 
 
+def test_a_colour_defectunet_sees_a_neutral_speck_pull_chroma_and_a_grey_scan_has_none():
+    """The colour network's extra evidence: a neutral speck on a coloured place departs from
+    its surroundings' chroma, a speck of the place's own hue does not, a grey scan has no
+    chroma at all; luma and colour weights load as what they are."""
+    import torch
+
+    from pipeline.models.defectnet import (
+        CHROMA_FEATURES,
+        FEATURES,
+        DefectUNet,
+        chroma_features,
+        defect_descriptor,
+    )
+
+    place = torch.tensor([0.8, 0.3, 0.2]).view(1, 3, 1, 1).expand(1, 3, 32, 32).clone()
+    neutral, own_hue = place.clone(), place.clone()
+    neutral[..., 14:18, 14:18] = 0.95  # white dust
+    own_hue[..., 14:18, 14:18] = place[..., :1, :1] * 1.2  # a brighter patch of the same hue
+
+    def departure(rgb: torch.Tensor) -> float:
+        y = rgb[:, 0:1] * 0.299 + rgb[:, 1:2] * 0.587 + rgb[:, 2:3] * 0.114
+        return float(chroma_features(rgb, y)[0, 2:, 14:18, 14:18].abs().mean())
+
+    assert departure(neutral) > 4 * departure(own_hue) > 0
+    grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32)
+    assert not chroma_features(grey, grey[:, :1]).any()
+    for colour in (False, True):
+        state = DefectUNet(4, colour).state_dict()
+        loaded = defect_descriptor(state)
+        assert loaded.model.colour is colour and loaded.input_channels == (3 if colour else 1)
+        first = state["enc.0.0.weight"].shape[1]
+        assert first == FEATURES + (CHROMA_FEATURES if colour else 0)
+
+
 def test_a_sure_detection_extends_along_its_faint_connected_end_but_a_faint_blob_stays_out():
     probability = np.zeros((40, 60), np.float32)
     probability[10, 5:30] = 0.9  # a scratch the network is sure of

@@ -66,9 +66,15 @@ def load_images(paths: list[Path]) -> list[np.ndarray]:
     return images
 
 
-def crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random crop at a random scale (0.5-1.25), flipped or rotated at random."""
-    scale = rng.uniform(0.5, 1.25)
+def crop(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    centre: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """A random crop at a random scale (0.5-1.25), flipped or rotated at random; with `centre`
+    (row, column), a crop around that point (within a quarter of the crop) at 0.8-1.2."""
+    scale = rng.uniform(0.5, 1.25) if centre is None else rng.uniform(0.8, 1.2)
     h, w = image.shape[:2]
     scale = max(scale, (size + 2) / min(h, w))
     if abs(scale - 1) > 0.02:
@@ -78,6 +84,10 @@ def crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
             image = image[:, :, None]
     h, w = image.shape[:2]
     top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    if centre is not None:
+        jitter = rng.integers(-size // 4, size // 4 + 1, 2)
+        top = int(np.clip(round(centre[0] * scale) - size // 2 + jitter[0], 0, h - size))
+        left = int(np.clip(round(centre[1] * scale) - size // 2 + jitter[1], 0, w - size))
     out = image[top : top + size, left : left + size]
     out = np.rot90(out, int(rng.integers(4)))
     if rng.random() < 0.5:
@@ -91,16 +101,23 @@ def batch(
     size: int,
     rng: np.random.Generator,
     graphics_share: float = GRAPHICS_SHARE,
+    hard: list[tuple[int, int, int]] | None = None,
+    hard_share: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Damaged RGB crops (N, 3, H, W) and how far the defects moved each of their pixels."""
+    """Damaged RGB crops (N, 3, H, W) and how far the defects moved each of their pixels; a
+    `hard_share` of them centred on `hard` negatives (image index, row, column)."""
     xs, cs = [], []
     for _ in range(count):
-        image = images[int(rng.integers(len(images)))]
+        index = int(rng.integers(len(images)))
+        image, centre = images[index], None
+        if hard and rng.random() < hard_share:
+            index, row, column = hard[int(rng.integers(len(hard)))]
+            image, centre = images[index], (row, column)
         amount = 0.0 if rng.random() < CLEAN_SHARE else rng.uniform(0.5, 2.0)
-        if rng.random() < graphics_share:
+        if centre is None and rng.random() < graphics_share:
             big = size * 2
             image = graphics(big, rng, photo=crop(image, big, rng))
-        hurt = damage(crop(image, size, rng), rng, amount=amount)
+        hurt = damage(crop(image, size, rng, centre), rng, amount=amount)
         xs.append(hurt.pixels.transpose(2, 0, 1))
         cs.append(hurt.coverage[None])
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(cs))
@@ -108,6 +125,35 @@ def batch(
 
 def grow(mask: torch.Tensor, pixels: int = RING) -> torch.Tensor:
     return F.max_pool2d(mask.float(), 2 * pixels + 1, stride=1, padding=pixels)
+
+
+@torch.no_grad()
+def mine_hard_negatives(
+    model: DefectUNet, images: list[np.ndarray], threshold: float = 0.5
+) -> list[tuple[int, int, int]]:
+    """Where `model` marks undamaged training images (as they are, and as grey): the centre of
+    each component its mask (mask_from_probability at `threshold`) finds, as (image index,
+    row, column). Nothing there is damage, so every one is a false detection to learn from."""
+    model.eval()
+    found = []
+    for index, image in enumerate(images):
+        h, w = image.shape[:2]
+        if image.shape[2] == 1:
+            versions = [np.repeat(image, 3, axis=2)]
+        else:
+            luma = image @ np.array([0.299, 0.587, 0.114], np.float32)
+            versions = [image, np.repeat(luma[:, :, None], 3, axis=2)]
+        for version in versions:
+            padded = np.pad(version, ((0, -h % 8), (0, -w % 8), (0, 0)), mode="edge")
+            x = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None]
+            if not model.colour:
+                x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
+            probability = model(x)[0, 0, :h, :w].numpy()
+            mask = mask_from_probability(probability, threshold)
+            count, _, _, centres = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            found += [(index, int(cy), int(cx)) for cx, cy in centres[1:count]]
+    model.train()
+    return found
 
 
 def target_and_care(coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +230,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _sha256(path: Path) -> str:
+    from pipeline.files import sha256_file
+
+    return sha256_file(path)
+
+
 def code_version() -> str:
     try:
         return subprocess.run(
@@ -215,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         "the weights, plus these weights' step, SHA-256, sweep and chosen threshold)",
     )
     parser.add_argument("--every", type=int, default=150, help="validate every N steps")
+    parser.add_argument(
+        "--init", type=Path, help="start from these weights (a colour DefectUNet of --width)"
+    )
+    parser.add_argument(
+        "--hard-share",
+        type=float,
+        default=0.0,
+        help="with --init: this share of the crops is centred on what the initial weights mark "
+        "on the undamaged training images (mine_hard_negatives), the false detections to unlearn",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--precision",
@@ -255,14 +317,24 @@ def main(argv: list[str] | None = None) -> int:
         args.precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     print(f"precision {args.precision} on {cpu_name()}", flush=True)
     model = DefectUNet(args.width, colour=True)
-    with torch.no_grad():  # start from the prior that damage is rare (as RetinaNet does)
-        model.defectunet.head.bias.fill_(-2.0)
+    hard: list[tuple[int, int, int]] = []
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.init)))
+        if args.hard_share > 0:
+            hard = mine_hard_negatives(model, train)
+            print(f"hard negatives: {len(hard)} false detections on the clean images", flush=True)
+    else:
+        with torch.no_grad():  # start from the prior that damage is rare (as RetinaNet does)
+            model.defectunet.head.bias.fill_(-2.0)
     params = sum(p.numel() for p in model.parameters())
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     args.out.mkdir(parents=True, exist_ok=True)
     history, started, running = [], time.time(), 0.0
+    share = args.hard_share
     for step in range(1, args.steps + 1):
-        x, coverage = batch(train, args.batch, args.size, rng)
+        x, coverage = batch(train, args.batch, args.size, rng, hard=hard, hard_share=share)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             logits = model.logits(x)
         loss = loss_fn(logits.float(), coverage)
@@ -291,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for row in metrics:
                 print(f"validate step {step} {json.dumps(row)}", flush=True)
-            save(model, args, history, params, train_paths, val_paths, time.time() - started)
+            save(model, args, history, params, train_paths, val_paths, time.time() - started, hard)
         if out_of_time:
             print(f"stopped at step {step} of {args.steps}: --max-seconds reached", flush=True)
             break
@@ -337,7 +409,7 @@ def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor], card: Path |
     return 0
 
 
-def save(model, args, history, params, train_paths, val_paths, seconds) -> None:
+def save(model, args, history, params, train_paths, val_paths, seconds, hard=()) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -380,6 +452,17 @@ def save(model, args, history, params, train_paths, val_paths, seconds) -> None:
         "schedule": "5 % warm-up, cosine to 1 %, over the steps or --max-seconds, whichever "
         "comes first (so the step count, not the seed alone, fixes the run)",
         "max_seconds": args.max_seconds,
+        "init": None
+        if args.init is None
+        else {"weights": args.init.name, "sha256": _sha256(args.init)},
+        "hard_negatives": {
+            "share": args.hard_share,
+            "count": len(hard),
+            "how": "components the initial weights mark at 0.5 on the undamaged training "
+            "images, as they are and as grey; crops centred on one (within a quarter crop)",
+        }
+        if hard
+        else None,
         "seed": SEED,
         "seconds": round(seconds),
         "threads": args.threads,
