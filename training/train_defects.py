@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-seconds", type=float, default=None, help="stop early (the card records it)"
     )
     args = parser.parse_args(argv)
+    args.code_version = code_version()  # at the start: the code may change during a long run
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -467,7 +468,7 @@ def save(model, args, history, params, train_paths, val_paths, seconds, hard=())
         "seconds": round(seconds),
         "threads": args.threads,
         "validation": history,
-        "code_version": code_version(),
+        "code_version": args.code_version,
         "torch": torch.__version__,
     }
     (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -52,10 +52,11 @@ class RestoreOptions(StageOptions):
     fade_threshold: float = Field(0.25, ge=0, le=1)
     low_percentile: float = Field(0.5, ge=0, lt=50)
     high_percentile: float = Field(99.5, gt=50, le=100)
-    # Dust and scratches: thin bright or dark defects, found on the luma and inpainted.
+    # Dust and scratches: thin bright or dark defects, found and inpainted.
     dust: bool = True
     # "learned": a DefectUNet (detector_model: id or path, trained with training/) run tiled
-    # over the luma, its probability cut at `threshold`; "classic": the top-hat detector
+    # over the luma (or the RGB, for a colour network), its probability cut at `threshold`;
+    # "classic": the top-hat detector on the luma
     # (scratches.py) tuned by `sensitivity`. No trained DefectUNet ships yet: the one trained
     # so far marks highlights and texture (README, "Learned dust detector").
     detector: Literal["learned", "classic"] = "classic"
