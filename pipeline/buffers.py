@@ -29,6 +29,31 @@ def allocate(
         return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
 
 
+def copy(
+    pixels: np.ndarray,
+    *,
+    max_bytes_in_ram: int,
+    scratch_dir: Path | str | None,
+    channels: int | None = None,
+    band_rows: int = 256,
+) -> np.ndarray:
+    """A float32 copy of (H, W, C) `pixels` from `allocate`, written band by band and each band's
+    pages released (source and copy), so neither a disk-backed source nor a disk-backed copy is
+    ever resident whole. With `channels`, a one-channel source is broadcast to that many."""
+    out = allocate(
+        (*pixels.shape[:2], channels or pixels.shape[2]),
+        np.float32,
+        max_bytes_in_ram=max_bytes_in_ram,
+        scratch_dir=scratch_dir,
+    )
+    for top in range(0, pixels.shape[0], band_rows):
+        bottom = min(top + band_rows, pixels.shape[0])
+        out[top:bottom] = pixels[top:bottom]
+        release_rows(pixels, top, bottom)
+        release_rows(out, top, bottom)
+    return out
+
+
 def release_rows(array: np.ndarray, start: int, stop: int) -> None:
     """Write back and drop the resident pages of rows [start, stop) of a memmap; no-op in RAM.
 

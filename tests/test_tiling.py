@@ -207,3 +207,22 @@ def test_real_x4plus_tiled_agrees_with_whole_image_at_50_db(tmp_path, photo, cro
     )
     assert crop[0] % tile and crop[1] % tile and tiled.tiles == 4
     assert psnr(tiled.pixels, whole) >= 50.0
+
+
+def test_a_banded_copy_is_exact_in_ram_and_on_disk_and_broadcasts_grey_to_rgb(tmp_path):
+    """pipeline.buffers.copy, which the restore and face stages copy scans with: the same
+    values whether the copy stays in RAM or goes to a disk-backed buffer, and a grey plane
+    repeated into three channels when asked."""
+    from pipeline import buffers
+
+    rng = np.random.default_rng(0)
+    grey = rng.random((70, 9, 1), dtype=np.float32)
+    in_ram = buffers.copy(grey, max_bytes_in_ram=1 << 20, scratch_dir=tmp_path, band_rows=16)
+    on_disk = buffers.copy(grey, max_bytes_in_ram=0, scratch_dir=tmp_path, band_rows=16)
+    assert not isinstance(in_ram, np.memmap) and isinstance(on_disk, np.memmap)
+    np.testing.assert_array_equal(in_ram, grey)
+    np.testing.assert_array_equal(on_disk, grey)
+    rgb = buffers.copy(grey, channels=3, max_bytes_in_ram=0, scratch_dir=tmp_path, band_rows=16)
+    assert rgb.shape == (70, 9, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[:, :, channel], grey[:, :, 0])

@@ -418,7 +418,7 @@ def _restore_faces(
     scratch_dir: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Paste each face into a copy of `base`; returns pixels, the uint8 mask, faces pasted."""
-    out = _copy(base.pixels, scratch_dir)
+    out = buffers.copy(base.pixels, max_bytes_in_ram=_MAX_BYTES_IN_RAM, scratch_dir=scratch_dir)
     mask = buffers.allocate(
         out.shape[:2], np.uint8, max_bytes_in_ram=_MAX_BYTES_IN_RAM, scratch_dir=scratch_dir
     )
@@ -549,20 +549,6 @@ def _paste(
     # At least 1 wherever a pixel changed, so 0 in the mask always means untouched.
     mask[y0:y1, x0:x1] = np.maximum(np.maximum(prior, combined), inside).astype(np.uint8)
     return True
-
-
-def _copy(pixels: np.ndarray, scratch_dir: Any) -> np.ndarray:
-    """A writable copy, disk-backed when large, copied band by band."""
-    out = buffers.allocate(
-        pixels.shape, np.float32, max_bytes_in_ram=_MAX_BYTES_IN_RAM, scratch_dir=scratch_dir
-    )
-    band = 256
-    for top in range(0, pixels.shape[0], band):
-        bottom = min(top + band, pixels.shape[0])
-        out[top:bottom] = pixels[top:bottom]
-        buffers.release_rows(pixels, top, bottom)
-        buffers.release_rows(out, top, bottom)
-    return out
 
 
 def _is_grey(pixels: np.ndarray) -> bool:

@@ -67,7 +67,15 @@ def detect_learned(
         scratch_dir=scratch_dir,
     )
     if engine.in_channels == 3:  # a colour network; a grey scan goes in as grey RGB
-        source = pixels if pixels.shape[2] == 3 else _grey_rgb(pixels, settings)
+        source = pixels
+        if pixels.shape[2] == 1:
+            source = buffers.copy(
+                pixels,
+                channels=3,
+                max_bytes_in_ram=settings.max_bytes_in_ram,
+                scratch_dir=settings.scratch_dir,
+                band_rows=BAND_ROWS,
+            )
     else:
         source = pixels if pixels.shape[2] == 1 else luma(pixels, settings)
     tiled = run_tiled(engine, np.asarray(source), settings, progress=progress)
@@ -87,19 +95,3 @@ def detect_learned(
     if source is not pixels:
         del source
     return mask, {"tile": tiled.tile, "overlap": LEARNED_OVERLAP, "tiles": tiled.tiles}
-
-
-def _grey_rgb(pixels: np.ndarray, settings: TileSettings) -> np.ndarray:
-    """A grey scan's (H, W, 1) plane as (H, W, 3), band by band (on disk past the RAM cap)."""
-    out = buffers.allocate(
-        (*pixels.shape[:2], 3),
-        np.float32,
-        max_bytes_in_ram=settings.max_bytes_in_ram,
-        scratch_dir=settings.scratch_dir,
-    )
-    for top in range(0, pixels.shape[0], BAND_ROWS):
-        bottom = min(top + BAND_ROWS, pixels.shape[0])
-        out[top:bottom] = pixels[top:bottom]
-        buffers.release_rows(pixels, top, bottom)
-        buffers.release_rows(out, top, bottom)
-    return out

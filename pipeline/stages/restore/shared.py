@@ -26,12 +26,9 @@ def allocate(shape: tuple[int, ...], scratch_dir: Path | None) -> np.ndarray:
 
 
 def copy_pixels(pixels: np.ndarray, scratch_dir: Path | None) -> np.ndarray:
-    out = allocate(pixels.shape, scratch_dir)
-    for top in range(0, pixels.shape[0], BAND_ROWS):
-        out[top : top + BAND_ROWS] = pixels[top : top + BAND_ROWS]
-        # A disk-backed copy's written pages would otherwise stay resident, the whole scan.
-        buffers.release_rows(out, top, top + BAND_ROWS)
-    return out
+    return buffers.copy(
+        pixels, max_bytes_in_ram=MAX_BYTES_IN_RAM, scratch_dir=scratch_dir, band_rows=BAND_ROWS
+    )
 
 
 def sample_pixels(pixels: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
