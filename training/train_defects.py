@@ -30,9 +30,11 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.files import sha256_file  # noqa: E402
 from pipeline.image import decode  # noqa: E402
 from pipeline.models.defectnet import CHROMA_FEATURES, FEATURES, DefectUNet  # noqa: E402
 from pipeline.stages.restore.learned import mask_from_probability  # noqa: E402
+from pipeline.stages.restore.shared import LUMA  # noqa: E402
 from pipeline.tiling import cpu_has_fast_bf16  # noqa: E402
 from training.damage import COVER, damage, graphics, training_images  # noqa: E402
 
@@ -131,9 +133,9 @@ def grow(mask: torch.Tensor, pixels: int = RING) -> torch.Tensor:
 def mine_hard_negatives(
     model: DefectUNet, images: list[np.ndarray], threshold: float = 0.5
 ) -> list[tuple[int, int, int]]:
-    """Where `model` marks undamaged training images (as they are, and as grey): the centre of
-    each component its mask (mask_from_probability at `threshold`) finds, as (image index,
-    row, column). Nothing there is damage, so every one is a false detection to learn from."""
+    """Where `model` (a colour DefectUNet) marks undamaged training images (as they are, and
+    as grey): the centre of each component its mask (mask_from_probability at `threshold`)
+    finds, as (image index, row, column). None of it is damage: every one is a false detection."""
     model.eval()
     found = []
     for index, image in enumerate(images):
@@ -141,13 +143,11 @@ def mine_hard_negatives(
         if image.shape[2] == 1:
             versions = [np.repeat(image, 3, axis=2)]
         else:
-            luma = image @ np.array([0.299, 0.587, 0.114], np.float32)
+            luma = image @ LUMA
             versions = [image, np.repeat(luma[:, :, None], 3, axis=2)]
         for version in versions:
             padded = np.pad(version, ((0, -h % 8), (0, -w % 8), (0, 0)), mode="edge")
             x = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None]
-            if not model.colour:
-                x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
             probability = model(x)[0, 0, :h, :w].numpy()
             mask = mask_from_probability(probability, threshold)
             count, _, _, centres = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -228,12 +228,6 @@ def cpu_name() -> str:
     import platform
 
     return platform.processor() or "unknown"
-
-
-def _sha256(path: Path) -> str:
-    from pipeline.files import sha256_file
-
-    return sha256_file(path)
 
 
 def code_version() -> str:
@@ -323,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(args.init)))
+        args.init_sha256 = sha256_file(args.init)  # recorded in every card this run writes
         if args.hard_share > 0:
             hard = mine_hard_negatives(model, train)
             print(f"hard negatives: {len(hard)} false detections on the clean images", flush=True)
@@ -333,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     args.out.mkdir(parents=True, exist_ok=True)
     history, started, running = [], time.time(), 0.0
-    share = args.hard_share
     for step in range(1, args.steps + 1):
-        x, coverage = batch(train, args.batch, args.size, rng, hard=hard, hard_share=share)
+        x, coverage = batch(
+            train, args.batch, args.size, rng, hard=hard, hard_share=args.hard_share
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             logits = model.logits(x)
         loss = loss_fn(logits.float(), coverage)
@@ -383,8 +379,6 @@ def learning_rate(peak: float, done: float) -> float:
 
 def evaluate(weights: Path, val: tuple[torch.Tensor, torch.Tensor], card: Path | None) -> int:
     from safetensors.torch import load_file
-
-    from pipeline.files import sha256_file
 
     state = load_file(str(weights))
     width, first = state["enc.0.0.weight"].shape[:2]
@@ -455,7 +449,7 @@ def save(model, args, history, params, train_paths, val_paths, seconds, hard=())
         "max_seconds": args.max_seconds,
         "init": None
         if args.init is None
-        else {"weights": args.init.name, "sha256": _sha256(args.init)},
+        else {"weights": args.init.name, "sha256": args.init_sha256},
         "hard_negatives": {
             "share": args.hard_share,
             "count": len(hard),
