@@ -103,7 +103,6 @@ def check_model(
     report: dict[str, Any] = {"auto_precision": resolve_precision("auto", device, fp32)}
     if device == "cuda":
         assert report["auto_precision"] == ("fp16" if fp32.supports_half else "fp32"), report
-    overlap = auto_overlap(fp32)
     engines = {"fp32": Engine(fp32, device=device, precision="fp32")}
     if device == "cuda" and fp32.supports_half:
         half = store.load(str(weights), device=device, dtype=torch.float16).descriptor
@@ -113,7 +112,8 @@ def check_model(
     for precision, engine in engines.items():
         for tile in (0, 32) if dry else TILES:
             for batch in (1, 4) if tile else (1,):
-                settings = TileSettings(tile=tile, overlap=overlap if tile else 0, batch=batch)
+                overlap = auto_overlap(fp32, precision) if tile else 0
+                settings = TileSettings(tile=tile, overlap=overlap, batch=batch)
                 fallbacks = engine.fp32_fallbacks
                 row = run_timed(engine, pixels, settings)
                 # Tiles the engine ran again in fp32 after a NaN/black fp16 output.
@@ -127,7 +127,7 @@ def check_model(
                 rows.append(row)
                 log(f"{name} {precision} tile {tile or 'whole'} batch {batch}: {row}")
     report["rows"] = rows
-    report["compile"] = _compiled(fp32, pixels, device, overlap, dry)
+    report["compile"] = _compiled(fp32, pixels, device, auto_overlap(fp32), dry)
     return report
 
 

@@ -179,7 +179,7 @@ def measure_ours(
     references: list[np.ndarray] | None = None,
 ) -> tuple[Row, list[np.ndarray]]:
     """Time run_tiled at `tile` (0: whole image) with the descriptor's automatic overlap."""
-    overlap = auto_overlap(engine.descriptor) if tile else 0
+    overlap = auto_overlap(engine.descriptor, engine.precision) if tile else 0
     settings = TileSettings(tile=tile, overlap=overlap)
     # A compiled module specialises on the tile shape, so it warms up on exactly that shape.
     side = tile if engine.compiled and tile else WARM_SIZE
@@ -374,6 +374,7 @@ def bench_model(bench: Bench, case: Case) -> tuple[list[Row], dict[str, Any]]:
         "auto_precision_cpu": resolve_precision("auto", "cpu", descriptor),
         "supports_bfloat16": bool(descriptor.supports_bfloat16),
         "auto_overlap": auto_overlap(descriptor),
+        "auto_overlap_reduced_precision": auto_overlap(descriptor, "bf16"),
         "crop": case.crop,
         "photos": list(PHOTOS[: case.photos]),
         "tiles": list(case.tiles),

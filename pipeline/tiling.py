@@ -24,9 +24,11 @@ __all__ = [
     "TiledResult",
     "auto_overlap",
     "luma",
+    "overlap_for",
     "resolve_device",
     "resolve_precision",
     "run_tiled",
+    "tile_span",
     "tile_starts",
     "vulkan_device",
 ]
@@ -37,7 +39,10 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_TILE = 32
 _MIN_WEIGHT = 1e-4  # keeps every covered pixel's total weight positive
-_AUTO_OVERLAP = {"ESRGAN": 64, "Compact": 24}
+_AUTO_OVERLAP = {"ESRGAN": 80, "Compact": 24}
+# Where the engine itself runs below fp32 (bf16, fp16), its error and the seams' share the one
+# 50 dB budget, so the seams must agree better.
+_AUTO_OVERLAP_REDUCED = {"ESRGAN": 96}
 # ITU-R BT.601 luma, the weights OpenCV's RGB2GRAY uses: a grey scan run through an RGB model
 # (as three equal channels) comes back as the grey it would have been.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -240,14 +245,43 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
-def auto_overlap(descriptor: Any) -> int:
-    """Overlap (input pixels) that keeps tiled output near or above 50 dB of whole-image output.
+def tile_span(length: int, tile: int, overlap: int) -> int:
+    """The side of each tile along a `length`: the fewest tiles of at most `tile` pixels that
+    share at least `overlap`, each made just large enough for that.
+
+    A full-size tile would share more than needed wherever `length` is not a whole number of
+    steps: 448 px cut into 320 px tiles read 2 x 320 (192 shared) where 2 x 256 (64 shared)
+    covers it with the same context at every seam, 1.6x fewer pixels through the model."""
+    if length <= tile:
+        return length
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return min(tile, math.ceil((length + overlap * (count - 1)) / count))
+
+
+def auto_overlap(descriptor: Any, precision: str = "fp32") -> int:
+    """Overlap (input pixels) that keeps tiled output at or above 50 dB of whole-image output
+    for an engine running at `precision`.
 
     RRDBNet (Real-ESRGAN x4plus/x2plus) is deep enough that a tile border still disturbs pixels
-    tens of pixels away; the compact v3 models settle much sooner. bench/upscale.py measures
-    the agreement these give on real photos with the real weights (see the README).
+    tens of pixels away; the compact v3 models settle much sooner. Measured with tiles that
+    share exactly the overlap (tile_span), on the real weights, at the worst seam found (Set14
+    baboon): x4plus 47.6 dB at 64 px, 53.3 dB at 80 px, 57.8 dB at 96 px; general-x4v3
+    51.8 dB at 16 px, 56.5 dB or more at 24 px. The seams and the engine share the budget:
+    OpenVINO bf16, about 51 dB from fp32 on its own, came to 49.8 dB end to end with x4plus at
+    80 px and 50.5 dB at 96, so a reduced-precision engine gets 96 there. bench/upscale.py
+    measures whole images.
     """
-    return _AUTO_OVERLAP.get(descriptor.architecture.id, 32)
+    architecture = descriptor.architecture.id
+    overlap = _AUTO_OVERLAP.get(architecture, 32)
+    if precision != "fp32":
+        overlap = _AUTO_OVERLAP_REDUCED.get(architecture, overlap)
+    return overlap
+
+
+def overlap_for(engine: Any, overlap: int | str) -> int:
+    """A stage's `overlap` option: a number as it is, "auto" for the engine's model and
+    precision (auto_overlap)."""
+    return auto_overlap(engine.descriptor, engine.precision) if overlap == "auto" else int(overlap)
 
 
 def _ramp(length: int) -> np.ndarray:
@@ -313,7 +347,10 @@ def _run_rows(
     height, width, channels = pixels.shape
     scale = engine.scale
     overlap = min(settings.overlap, tile)
-    tile_h, tile_w = min(tile + overlap, height), min(tile + overlap, width)
+    tile_h, tile_w = (
+        tile_span(height, tile + overlap, overlap),
+        tile_span(width, tile + overlap, overlap),
+    )
     ys = tile_starts(height, tile_h, overlap)
     xs = tile_starts(width, tile_w, overlap)
     out = buffers.allocate(

@@ -453,7 +453,9 @@ def test_an_artefact_model_runs_tiled_through_the_store_and_records_its_hash(ctx
     whole = RestoreStage(
         RestoreOptions(artefact_model=str(fbcnn), colour=False, dust=False, tile=0)
     )
-    np.testing.assert_allclose(result.image.pixels, whole.run(crop, ctx).image.pixels, atol=2e-3)
+    # Within one 8-bit level of the whole image: the tiles share the 32 px overlap and no more
+    # (a random FBCNN sees far; its worst pixel here is 0.75 of a level off).
+    np.testing.assert_allclose(result.image.pixels, whole.run(crop, ctx).image.pixels, atol=1 / 255)
     artefacts = json.loads(json.dumps(result.params))["artefacts"]
     assert artefacts["architecture"] == "FBCNN"
     assert artefacts["model_sha256"] == sha256_file(fbcnn)

@@ -16,9 +16,12 @@ from pipeline.models import ModelStore
 from pipeline.tiling import (
     Engine,
     TileSettings,
+    auto_overlap,
+    overlap_for,
     resolve_device,
     resolve_precision,
     run_tiled,
+    tile_span,
     tile_starts,
 )
 
@@ -49,13 +52,42 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     [(300, 256, 64), (400, 256, 128), (1000, 256, 96), (97, 32, 8), (256, 256, 16), (10, 256, 16)],
 )
 def test_tile_starts_cover_the_length_with_at_least_the_overlap(length, tile, overlap):
-    starts = tile_starts(length, tile, overlap)
-    size = min(tile, length)
-    assert starts[0] == 0
-    assert starts[-1] + size == length
-    for a, b in itertools.pairwise(starts):
-        assert a + size - b >= overlap  # neighbours share at least the overlap
-        assert b > a
+    for size in (min(tile, length), tile_span(length, tile, overlap)):
+        starts = tile_starts(length, size, overlap)
+        assert starts[0] == 0
+        assert starts[-1] + size == length
+        for a, b in itertools.pairwise(starts):
+            assert a + size - b >= overlap  # neighbours share at least the overlap
+            assert b > a
+
+
+@pytest.mark.parametrize("length", [*range(200, 1400, 7), 3000, 4000])
+def test_tiles_are_shrunk_to_share_the_overlap_and_not_much_more(length):
+    """tile_span keeps the count of full-size tiles and the overlap, and cuts what full-size
+    tiles would share beyond it (448 px at tile 320, overlap 80: 264 px tiles, not 320)."""
+    tile, overlap = 336, 80
+    full = tile_starts(length, tile, overlap)
+    size = tile_span(length, tile, overlap)
+    starts = tile_starts(length, size, overlap)
+    assert size <= tile and len(starts) == len(full)
+    if length <= tile:
+        assert starts == [0] and size == length
+        return
+    shared = [a + size - b for a, b in itertools.pairwise(starts)]
+    assert min(shared) >= overlap and max(shared) <= overlap + len(starts)  # rounding only
+    if length == 448:
+        assert size == 264
+
+
+def test_reduced_precision_engines_get_the_wider_overlap_their_budget_needs(tmp_path):
+    """x4plus's seams agree at 53 dB with 80 px; a bf16/fp16 engine spends part of the 50 dB
+    budget itself, so its tiles share 96. The compact model's 24 px leaves room for both."""
+    rrdb = engine_for(tiny_rrdbnet(tmp_path / "r.pth"), tmp_path)
+    compact = engine_for(tiny_compact(tmp_path / "c.pth"), tmp_path)
+    assert auto_overlap(rrdb.descriptor) == overlap_for(rrdb, "auto") == 80
+    assert auto_overlap(rrdb.descriptor, "bf16") == auto_overlap(rrdb.descriptor, "fp16") == 96
+    assert auto_overlap(compact.descriptor) == auto_overlap(compact.descriptor, "bf16") == 24
+    assert overlap_for(rrdb, 12) == 12  # a number in the config is taken as it is
 
 
 def test_tiled_output_equals_whole_image_for_a_model_with_small_receptive_field(tmp_path):
@@ -194,8 +226,6 @@ def test_an_unknown_device_is_refused():
 def test_real_x4plus_tiled_agrees_with_whole_image_at_50_db(tmp_path, photo, crop, tile):
     """Real weights on real photos, tiles that do not divide them, automatic overlap."""
     import cv2
-
-    from pipeline.tiling import auto_overlap
 
     weights = shared_file("weights/RealESRGAN_x4plus.from-ncnn.pth")
     bgr = cv2.imread(str(shared_file(photo)), cv2.IMREAD_COLOR)

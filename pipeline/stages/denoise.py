@@ -19,7 +19,7 @@ from pipeline.stages.engines import (
     centre_tile,
     registered_loader,
 )
-from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
+from pipeline.tiling import Engine, TileSettings, luma, overlap_for, run_tiled
 
 __all__ = ["DenoiseOptions", "DenoiseStage"]
 
@@ -92,7 +92,7 @@ class DenoiseStage:
             source = np.repeat(source, 3, axis=2)
         elif not grey and engine.in_channels == 1:
             raise StageError(f"denoise: model {ref} takes greyscale input; set model for colour")
-        overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
+        overlap = overlap_for(engine, opts.overlap)
         settings = TileSettings(tile=opts.tile, overlap=overlap, scratch_dir=ctx.scratch_dir)
         tiled = run_tiled(engine, source, settings, progress=ctx.progress)
         out = luma(tiled.pixels, settings) if via_rgb else tiled.pixels

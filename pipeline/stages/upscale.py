@@ -22,7 +22,7 @@ from pipeline.stages.engines import (
     centre_tile,
     registered_loader,
 )
-from pipeline.tiling import Engine, TileSettings, auto_overlap, luma, run_tiled
+from pipeline.tiling import Engine, TileSettings, luma, overlap_for, run_tiled
 
 __all__ = ["UpscaleOptions", "UpscaleStage"]
 
@@ -85,7 +85,7 @@ class UpscaleStage:
         if image.channels == 3 and engine.in_channels == 1:
             raise StageError(f"upscale: model {opts.model} takes greyscale input only")
         source = np.repeat(image.pixels, 3, axis=2) if rgb else image.pixels
-        overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
+        overlap = overlap_for(engine, opts.overlap)
         settings = TileSettings(
             tile=opts.tile,
             overlap=overlap,

@@ -33,7 +33,7 @@ from pipeline.stages.restore.inpaint import (
 from pipeline.stages.restore.learned import LEARNED_OVERLAP, detect_learned
 from pipeline.stages.restore.scratches import Detector, detect_defects
 from pipeline.stages.restore.shared import copy_pixels
-from pipeline.tiling import TileSettings, auto_overlap, luma, run_tiled
+from pipeline.tiling import TileSettings, luma, overlap_for, run_tiled
 
 __all__ = ["RestoreOptions", "RestoreStage"]
 
@@ -153,7 +153,7 @@ class RestoreStage:
         if not grey and engine.in_channels == 1:
             raise StageError(f"restore: artefact model {ref} takes greyscale input only")
         source = np.repeat(pixels, 3, axis=2) if via_rgb else pixels
-        overlap = auto_overlap(engine.descriptor) if opts.overlap == "auto" else opts.overlap
+        overlap = overlap_for(engine, opts.overlap)
         settings = TileSettings(tile=opts.tile, overlap=overlap, scratch_dir=ctx.scratch_dir)
         tiled = run_tiled(engine, source, settings, progress=ctx.progress)
         out = luma(tiled.pixels, settings) if via_rgb else tiled.pixels
