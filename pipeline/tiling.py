@@ -241,8 +241,13 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     neighbours share at least `overlap` pixels. Equal shapes batch well and compile once."""
     if length <= tile:
         return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
+    count = _tile_count(length, tile, overlap)
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _tile_count(length: int, tile: int, overlap: int) -> int:
+    """The fewest tiles of `tile` pixels sharing at least `overlap` that cover `length`."""
+    return math.ceil((length - overlap) / (tile - overlap))
 
 
 def tile_span(length: int, tile: int, overlap: int) -> int:
@@ -254,7 +259,7 @@ def tile_span(length: int, tile: int, overlap: int) -> int:
     covers it with the same context at every seam, 1.6x fewer pixels through the model."""
     if length <= tile:
         return length
-    count = math.ceil((length - overlap) / (tile - overlap))
+    count = _tile_count(length, tile, overlap)
     return min(tile, math.ceil((length + overlap * (count - 1)) / count))
 
 

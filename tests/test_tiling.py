@@ -64,7 +64,7 @@ def test_tile_starts_cover_the_length_with_at_least_the_overlap(length, tile, ov
 @pytest.mark.parametrize("length", [*range(200, 1400, 7), 3000, 4000])
 def test_tiles_are_shrunk_to_share_the_overlap_and_not_much_more(length):
     """tile_span keeps the count of full-size tiles and the overlap, and cuts what full-size
-    tiles would share beyond it (448 px at tile 320, overlap 80: 264 px tiles, not 320)."""
+    tiles would share beyond it (448 px at tile 336, overlap 80: 264 px tiles, not 336)."""
     tile, overlap = 336, 80
     full = tile_starts(length, tile, overlap)
     size = tile_span(length, tile, overlap)
