@@ -378,6 +378,7 @@ class Damage:
     grainy: np.ndarray  # clean + the same grain, no defects
     mask: np.ndarray  # bool (H, W): pixels the defects moved by more than VISIBLE
     scratched: np.ndarray  # bool (H, W): the part of `mask` owed mostly to scratches
+    darkened: np.ndarray  # bool (H, W): the part of `mask` the defects made darker
     scratches: int
     spots: int
 
@@ -429,12 +430,14 @@ def damage(clean: np.ndarray, seed: int) -> Damage:
         kind = strongest[int(index >= scratches)]
         np.maximum(kind, alpha, out=kind)
     mask = np.max(np.abs(damaged - clean), axis=2) > VISIBLE
+    darkened = mask & (np.mean(damaged, axis=2) < np.mean(clean, axis=2))
     grain = rng.normal(0, GRAIN_SIGMA, clean.shape).astype(np.float32)
     return Damage(
         pixels=np.clip(damaged + grain, 0, 1),
         grainy=np.clip(clean + grain, 0, 1),
         mask=mask,
         scratched=mask & (strongest[0] >= strongest[1]),
+        darkened=darkened,
         scratches=scratches,
         spots=spots,
     )
@@ -481,6 +484,7 @@ RESTORE_DEFINITIONS = {
     "psnr": "RGB PSNR after 8-bit rounding against the clean image (before: the damaged scan)",
     "recall": "damage pixels inside the stage's mask / damage pixels",
     "recall_scratches": "recall over the damage owed mostly to scratches (the rest: specks)",
+    "recall_dark": "recall over the damage the defects made darker (the rest: brighter)",
     "precision": "mask pixels inside the region / mask pixels (None where the mask is empty)",
     "clean_psnr": "PSNR(restore(clean), clean) on the noise-free image; None: left identical",
     "grain_change_db": (
@@ -523,6 +527,8 @@ def _restore_case(
         "recall": _recall(found, hurt.mask),
         "recall_scratches": _recall(found, hurt.scratched),
         "recall_specks": _recall(found, hurt.mask & ~hurt.scratched),
+        "recall_dark": _recall(found, hurt.darkened),
+        "recall_bright": _recall(found, hurt.mask & ~hurt.darkened),
         "precision": float(np.mean(region[found])) if found.any() else None,
         **_clean_change(run, stage, image, hurt.grainy),
     }
@@ -588,6 +594,8 @@ def summarise_restore(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "recall",
         "recall_scratches",
         "recall_specks",
+        "recall_dark",
+        "recall_bright",
         "precision",
         "clean_psnr",
         "grain_before_db",
@@ -649,7 +657,9 @@ def print_restore(section: dict[str, Any]) -> None:
     )
     print(
         f"mean recall over scratches {_share(summary['mean_recall_scratches'])}, over specks "
-        f"{_share(summary['mean_recall_specks'])}; seconds per damaged image "
+        f"{_share(summary['mean_recall_specks'])}; over dark damage "
+        f"{_share(summary['mean_recall_dark'])}, over bright "
+        f"{_share(summary['mean_recall_bright'])}; seconds per damaged image "
         f"{summary['mean_seconds']:.2f}"
     )
     print(

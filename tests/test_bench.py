@@ -206,6 +206,12 @@ def test_synthetic_damage_is_seeded_marks_what_it_changed_and_adds_only_grain_el
     assert not np.array_equal(first.mask, other.mask)
     assert first.scratches >= 1 and first.spots >= 3
     assert first.scratched.any() and not np.any(first.scratched & ~first.mask)
+    # Dark and bright defects both: darkened is the part of the damage below the clean tone.
+    assert first.darkened.any() and (first.mask & ~first.darkened).any()
+    assert not np.any(first.darkened & ~first.mask)
+    below = first.pixels.mean(axis=2) - first.grainy.mean(axis=2)
+    assert np.median(below[first.darkened]) < -0.05
+    assert np.median(below[first.mask & ~first.darkened]) > 0.05
     assert 0.002 < first.mask.mean() < 0.2
     grain = first.grainy - clean
     assert abs(float(np.std(grain[~first.mask])) - quality.GRAIN_SIGMA) < 0.2 * quality.GRAIN_SIGMA
@@ -237,6 +243,10 @@ def test_quick_restore_run_reports_damage_clean_change_and_detection(tmp_path):
         assert row["region_before_db"] < 30 < row["outside_before_db"]  # the damage is visible
         assert row["grain_before_db"] == pytest.approx(42, abs=1)  # grain sigma 2/255
         assert 0 <= row["recall"] <= 1 and 0 <= row["recall_scratches"] <= 1
+        dark, bright = row["recall_dark"], row["recall_bright"]
+        assert dark is not None and bright is not None and 0 <= dark <= 1 and 0 <= bright <= 1
+        low, high = sorted((dark, bright))
+        assert low - 1e-9 <= row["recall"] <= high + 1e-9  # the whole lies between its parts
         if row["clean_changed_fraction"] == 0:
             assert row["clean_psnr"] is None  # restore left the clean image identical
         else:
