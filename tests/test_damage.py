@@ -163,3 +163,22 @@ def test_a_crop_centred_on_a_hard_negative_contains_it_and_mining_finds_what_the
     marked = mine_hard_negatives(model, [image, image[:, :, :1]], threshold=0.4)
     # The colour image as it is and as grey, the grey image once: each marked whole, at its centre.
     assert marked == [(0, 149, 199), (0, 149, 199), (1, 149, 199)]
+
+
+def test_the_graphics_share_is_an_option_recorded_in_the_card_and_checked(tmp_path):
+    """`--graphics-share` sets how many training crops are drawn pages (the dark lines that are
+    content): a two-step run records it in its card; a share outside 0..1 is refused."""
+    import json
+
+    from training.train_defects import main
+
+    shared_file("corpus/sr_benchmark/McMaster")
+    out = tmp_path / "run"
+    argv = ["--steps", "2", "--every", "2", "--batch", "2", "--size", "64"]
+    assert main([*argv, "--graphics-share", "0", "--precision", "fp32", "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["graphics_share"] == 0.0 and card["data"]["graphics"].startswith("0% of crops")
+    assert card["steps"] == 2 and (out / "defectunet.safetensors").is_file()
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--graphics-share", "1.5", "--out", str(out)])
+    assert refused.value.code == 2

@@ -271,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --init: this share of the crops is centred on what the initial weights mark "
         "on the undamaged training images (mine_hard_negatives), the false detections to unlearn",
     )
+    parser.add_argument(
+        "--graphics-share",
+        type=float,
+        default=GRAPHICS_SHARE,
+        help="the share of training crops drawn by training.damage.graphics (text, rules, "
+        "outlines: dark lines that are content, not damage)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--precision",
@@ -284,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-seconds", type=float, default=None, help="stop early (the card records it)"
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.graphics_share <= 1:
+        parser.error(f"--graphics-share: {args.graphics_share} is not a share between 0 and 1")
     args.code_version = code_version()  # at the start: the code may change during a long run
 
     torch.set_num_threads(args.threads)
@@ -330,7 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     history, started, running = [], time.time(), 0.0
     for step in range(1, args.steps + 1):
         x, coverage = batch(
-            train, args.batch, args.size, rng, hard=hard, hard_share=args.hard_share
+            train,
+            args.batch,
+            args.size,
+            rng,
+            graphics_share=args.graphics_share,
+            hard=hard,
+            hard_share=args.hard_share,
         )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             logits = model.logits(x)
@@ -425,7 +440,7 @@ def save(model, args, history, params, train_paths, val_paths, seconds, hard=())
             "damage": "training/damage.py: scratches, specks, hairs, cracks (near neutral, a "
             "fifth of hairs and scratches coloured); tone (grey, sepia, cyan, fade), blur, "
             "halftone, colour grain, scanner noise, colour JPEG, scale 0.5-1.25",
-            "graphics": f"{GRAPHICS_SHARE:.0%} of crops drawn by training.damage.graphics "
+            "graphics": f"{args.graphics_share:.0%} of crops drawn by training.damage.graphics "
             "(text, bullets, rules, tables, outlines, cartoon shapes) over paper or a photograph",
             "target": f"pixels the defects moved by {CORE:.4f} or more (the cores); the skirt "
             f"moved by {COVER:.4f}..{CORE:.4f} and a {RING} px ring around the cores are left "
@@ -436,7 +451,7 @@ def save(model, args, history, params, train_paths, val_paths, seconds, hard=())
         "planned_steps": args.steps,
         "batch": args.batch,
         "clean_share": CLEAN_SHARE,
-        "graphics_share": GRAPHICS_SHARE,
+        "graphics_share": args.graphics_share,
         "precision": f"{args.precision} (forward autocast; weights, optimiser and validation fp32)",
         "cpu": cpu_name(),
         "cpu_native_bf16": cpu_has_fast_bf16(),
