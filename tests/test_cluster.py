@@ -20,6 +20,7 @@ from daemon.cli import main
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=NO_REDIS)
 
 BIRD = "corpus/sr_benchmark/Set5/HR/bird.png"
+BARBARA = "corpus/sr_benchmark/Set14/HR/barbara.png"  # 720x576: room for larger scans
 
 
 @pytest.fixture
@@ -59,9 +60,11 @@ def cluster(tmp_path: Path, redis: RedisServer):
             print(item.log(name)[-4000:])
 
 
-def drop(site: Cluster, count: int, size: int = 48, start: int = 0) -> list[Path]:
-    """`count` different small crops of a corpus image, written whole (renamed into place)."""
-    bird = np.asarray(Image.open(shared_file(BIRD)).convert("RGB"))
+def drop(
+    site: Cluster, count: int, size: int = 48, start: int = 0, image: str = BIRD
+) -> list[Path]:
+    """`count` different crops of a corpus image, written whole (renamed into place)."""
+    bird = np.asarray(Image.open(shared_file(image)).convert("RGB"))
     paths = []
     for index in range(start, start + count):
         y, x = divmod(index * 7, max(1, bird.shape[1] - size))
@@ -196,7 +199,9 @@ def test_a_worker_started_mid_batch_takes_work_and_sigterm_hands_its_job_back(cl
     site = cluster(slow_model)
     site.start_coordinator()
     site.start_worker("w1")
-    sources = drop(site, 8, size=320)
+    # 512 px scans: a job lasts seconds, not the fraction of one that a 320 px scan takes
+    # where `auto` finds a fast engine, so the SIGTERM lands while the late worker's job runs.
+    sources = drop(site, 8, size=512, image=BARBARA)
     wait_for(lambda: busy_worker(site) == "w1", 120, "w1 to take a scan")
     late = site.start_worker("late")
     wait_for(lambda: site.beats().get("late", {}).get("run_token"), 120, "the late worker busy")

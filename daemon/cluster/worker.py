@@ -22,7 +22,7 @@ from daemon.cluster.broker import TASK_NAME, Broker, BrokerError, celery_app
 from daemon.cluster.messages import Beat, RemoteResult, RemoteTask
 from daemon.cluster.paths import PathMap
 from daemon.config import Config, model_store
-from daemon.publish import WrittenFile, remove_stem_temps
+from daemon.publish import WrittenFile, remove_stem_temps, remove_written
 from daemon.store import utc_now
 from daemon.worker import Outcome, Runner, Task, WorkerSettings
 
@@ -163,7 +163,20 @@ class ClusterWorker:
             finally:
                 self._interruptible = False
         except _Interrupted as exc:
+            self._prepared.pop(task.recipe_sha256, None)
             return self._interrupted(task, local, exc.why)
+        if self._pending is not None:
+            # The signal's exception was swallowed where it landed (raised inside an extension
+            # module's import, it comes out as an ImportError that drops that engine), so the
+            # run went on with whatever that broke: its files go, the recipe is prepared again.
+            self._prepared.pop(task.recipe_sha256, None)
+            remove_written(outcome.files)
+            log.warning(
+                "run=%s path=%s finished after an interrupt the run swallowed: discarded",
+                task.run_token,
+                task.path,
+            )
+            return self._interrupted(task, local, self._pending)
         if outcome.status != "ok":
             with self._lock:
                 self._beat = replace(self._beat, error=outcome.error)
@@ -217,11 +230,11 @@ class ClusterWorker:
         why: Literal["released", "revoked"] = "released" if signum == signal.SIGTERM else "revoked"
         if signum == signal.SIGTERM and callable(self._term_handler):
             self._term_handler(signum, frame)  # Celery's warm shutdown: no further task
+        if self._pending is None:  # kept even when the raise below is swallowed (see _run)
+            self._pending = why
         if self._interruptible:
             self._interruptible = False
             raise _Interrupted(why)
-        if self._pending is None:
-            self._pending = why
 
     def _prepare(self, task: RemoteTask) -> _Prepared:
         """The recipe's chain over this worker's own weights, once per recipe: refused when a
