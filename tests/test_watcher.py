@@ -722,6 +722,46 @@ def test_once_takes_what_has_settled_and_leaves_placeholders(tmp_path):
     assert clock.now - 1000.0 < 10.0
 
 
+def test_once_takes_files_quiet_since_before_the_scan_without_waiting_again(tmp_path):
+    """Scans copied in a minute before the run (by the kernel's change time) are settled
+    already on a local disk: nothing is slept. A file written during the wait is left alone."""
+    write(tmp_path / "a.tif")
+    write(tmp_path / "album" / "b.tif")
+    clock = SleepingClock()
+    later = time.time() + 60.0  # the run starts a minute after the copies
+    result = run_once(
+        tmp_path, stable_seconds=5.0, clock=clock, sleep=pytest.fail, wall_clock=lambda: later
+    )
+    assert [e.relative for e in result.ready] == ["a.tif", "album/b.tif"]
+    assert result.pending == [] and clock.now == 1000.0
+
+
+def test_once_still_waits_for_files_quiet_for_less_than_the_delay(tmp_path):
+    write(tmp_path / "a.tif")
+    clock = SleepingClock()
+    soon = time.time() + 2.0  # quiet for 2 of the 5 s: 3 s left to wait
+    result = run_once(
+        tmp_path, stable_seconds=5.0, clock=clock, sleep=clock.sleep, wall_clock=lambda: soon
+    )
+    assert [e.relative for e in result.ready] == ["a.tif"]
+    assert clock.slept >= 1 and 2.5 <= clock.now - 1000.0 < 5.0
+
+
+def test_once_on_a_network_filesystem_waits_the_whole_delay(tmp_path, monkeypatch):
+    """There the server's clock sets the change time: it proves nothing about this one."""
+    import daemon.watcher.once as once
+
+    monkeypatch.setattr(once, "is_network_filesystem", lambda path: True)
+    write(tmp_path / "a.tif")
+    clock = SleepingClock()
+    later = time.time() + 60.0
+    result = run_once(
+        tmp_path, stable_seconds=5.0, clock=clock, sleep=clock.sleep, wall_clock=lambda: later
+    )
+    assert [e.relative for e in result.ready] == ["a.tif"]
+    assert clock.now - 1000.0 >= 5.0
+
+
 def test_once_waits_for_a_file_still_growing(tmp_path):
     growing = write(tmp_path / "growing.tif", b"x")
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from daemon.fsinfo import is_network_filesystem
+from daemon.seen import Version
 from daemon.watcher.stability import Clock
 from daemon.watcher.watching import ReadyFile, Refusal, Watcher
 
@@ -35,10 +37,15 @@ def run_once(
     known: Mapping[str, tuple[int, int, int]] | None = None,
     clock: Clock = time.monotonic,
     sleep: Callable[[float], object] = time.sleep,
+    wall_clock: Clock = time.time,
     logger: logging.Logger | None = None,
 ) -> OnceResult:
     """Scan once and wait (at most `timeout_seconds`) until the files found have settled; files
-    arriving meanwhile are left for the next run. Empty placeholders are not waited for."""
+    arriving meanwhile are left for the next run. Empty placeholders are not waited for.
+
+    On a local disk, the time a file had already been quiet when the scan found it counts
+    toward its settling (see `_count_quiet_time`): scans that were copied in before the run
+    are not waited for again."""
     ready: list[ReadyFile] = []
     refused: list[Refusal] = []
     watcher = Watcher(
@@ -55,6 +62,9 @@ def run_once(
     )
     deadline = clock() + timeout_seconds
     watcher.step()
+    if watcher.available and not is_network_filesystem(root):
+        _count_quiet_time(watcher, root, wall_clock())
+        watcher.step()
     while watcher.available and any(v.size for v in watcher.pending().values()):
         due = watcher.next_settle_at()
         now = clock()
@@ -63,3 +73,23 @@ def run_once(
         sleep(max(0.0, min(deadline, due if due is not None else now) - now) or 0.01)
         watcher.step()
     return OnceResult(ready, refused, sorted(watcher.pending()), watcher.available)
+
+
+def _count_quiet_time(watcher: Watcher, root: str | os.PathLike[str], now: float) -> None:
+    """Count the time each file found had been quiet before the scan toward its settling.
+
+    A file's inode change time (ctime) is set by this machine's kernel at every write, rename
+    and change of attributes, and no program can set it (copies that keep the original mtime
+    still get a new ctime). A file on a local disk whose ctime lies the delay or more in the
+    past has not changed for that long: the wait would ask the same question of the next
+    seconds instead. Without events (`--once` has no observer) the wait is only that second
+    look, and a writer that resumes later is still caught: the worker refuses a source that
+    changed while it was processed. Not on a network filesystem, where the server's clock
+    sets the time and may run behind this one."""
+    for relative, version in watcher.pending().items():
+        try:
+            info = os.lstat(os.path.join(root, relative))
+        except OSError:
+            continue  # gone or unreadable: the next step finds out
+        if Version.of(info) == version and version.size:
+            watcher.quiet_before(relative, version, now - info.st_ctime)

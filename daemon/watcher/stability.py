@@ -43,6 +43,13 @@ class StabilityTracker:
         self._entries[path] = _Entry(version, self._clock())
         return True
 
+    def quiet_before(self, path: str, seconds: float) -> None:
+        """`path` is known to have been quiet for `seconds` before it was first observed: count
+        that time toward its delay (no-op for a path not tracked, or for seconds <= 0)."""
+        entry = self._entries.get(path)
+        if entry is not None and seconds > 0:
+            entry.since -= min(seconds, self.delay)
+
     def touch(self, path: str) -> None:
         """An event for `path`: restart its timer (no-op for a path not tracked)."""
         entry = self._entries.get(path)

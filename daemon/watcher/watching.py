@@ -188,6 +188,13 @@ class Watcher:
         with self._step_lock:
             return self._tracker.tracked()
 
+    def quiet_before(self, relative: str, version: Version, seconds: float) -> None:
+        """`relative`, still at `version`, had been quiet for `seconds` before this watcher
+        first saw it: that time counts toward its settling (see run_once)."""
+        with self._step_lock:
+            if self._tracker.version(relative) == version:
+                self._tracker.quiet_before(relative, seconds)
+
     def next_settle_at(self) -> float | None:
         """The clock time at which the next file seen will have been quiet for the delay."""
         with self._step_lock:
