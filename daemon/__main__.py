@@ -1,7 +1,5 @@
 """`python -m daemon` is the `scanrestore` command."""
 
-import sys
+from daemon.cli import program
 
-from daemon.cli import main
-
-sys.exit(main())
+program()

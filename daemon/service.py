@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
+from daemon import prewarm
 from daemon.config import Config, state_dir, worker_threads
 from daemon.fsinfo import filesystem_type, is_network_filesystem
 from daemon.ingest import IngestError, Intake
@@ -225,7 +226,10 @@ class Daemon:
     ) -> Workers:
         """Local worker processes, or with `[cluster] broker` the workers on other machines."""
         if not self.config.cluster.broker:
-            return WorkerPool(settings, self.config.daemon.workers)
+            pool = WorkerPool(settings, self.config.daemon.workers, adopt=True)
+            prewarm.discard()
+            return pool
+        prewarm.discard()  # the work goes to the cluster's workers
         from daemon.cluster.dispatch import Dispatcher, Recipe
         from daemon.cluster.registry import WorkerRegistry
 

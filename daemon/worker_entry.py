@@ -5,6 +5,7 @@ leave a worker behind."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -32,10 +33,11 @@ def die_with_parent(parent: int) -> None:
         os._exit(PARENT_GONE)
 
 
-def main(conn: Connection, parent: int, settings: bytes) -> None:
-    """The spawn target. `settings` is a pickled daemon.worker.WorkerSettings: unpickling it
-    imports daemon.worker, so it travels as bytes and is unpickled only once the child is
-    tied to its parent."""
+def main(conn: Connection, parent: int) -> None:
+    """The spawn target. Once tied to its parent, the child makes its heavy imports, then reads
+    its settings, a pickled daemon.worker.WorkerSettings, as the first message on `conn`: a
+    child started before the daemon knew its settings (daemon.prewarm) has its imports done by
+    the time they come. End-of-file instead (a child never adopted) ends it quietly."""
     die_with_parent(parent)
     # The parent handles SIGINT/SIGTERM and tells children when to stop; a Ctrl-C while the
     # imports below run must not print a traceback from every worker.
@@ -43,4 +45,13 @@ def main(conn: Connection, parent: int, settings: bytes) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from daemon.worker import serve
 
+    try:
+        settings = conn.recv_bytes()
+    except (EOFError, OSError):
+        os._exit(0)
     serve(conn, pickle.loads(settings))
+    # Every result was sent and every file it wrote is fsynced: the interpreter's teardown of
+    # torch and the engines (about a second, which the daemon's stop would wait for) is
+    # skipped, after the logs are flushed.
+    logging.shutdown()
+    os._exit(0)
