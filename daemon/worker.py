@@ -248,7 +248,6 @@ def serve(conn: Connection, settings: WorkerSettings) -> None:
     log_to_stderr(settings.log_level)
     logging.captureWarnings(True)
     runner = Runner(settings)
-    runner.warm()
     while True:
         try:
             task = conn.recv()
@@ -281,22 +280,6 @@ class Runner:
         self.models = TrustedModels(model_store(config), settings.models)
         self.ident = f"{socket.gethostname()}:{os.getpid()}"
         self._chains: dict[str, tuple[Chain, TrustedModels]] = {}
-
-    def warm(self) -> None:
-        """Load the chain's weights now, before the first task: a worker process starts while
-        its first scans are still settling, so they need not wait for this (x4plus: 0.4 s).
-        Weights that will not load here (not a network spandrel builds, a file changed) are
-        left for the first task, which reports the error against its scan."""
-        import torch
-
-        from pipeline.tiling import resolve_device
-
-        device = resolve_device(self.device)
-        for ref in self.models.expected:
-            try:
-                self.models.load(ref, device=device, dtype=torch.float32)
-            except Exception as exc:  # the first task meets it again and reports it
-                log.debug("not loaded ahead: %s: %s", ref, exc)
 
     def _chain_for(self, task: Task) -> tuple[Chain, TrustedModels]:
         """The task's chain, and its models bound to the hashes the daemon verified."""
