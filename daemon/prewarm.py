@@ -1,12 +1,12 @@
 """Worker processes started before the command line's own imports (standard library only).
 
 `scanrestore watch` imports torch and the pipeline in the daemon's process (about 3 s), and each
-worker process imports them again before its first image (about 3 s more). Started here, at
-the top of `main`, one worker process makes its imports while the daemon makes its own; the
-daemon's WorkerPool then adopts it and sends it its settings, and it starts on the first scan
-with its imports done. A child never adopted (the command failed, or the daemon dispatches to
-cluster workers) reads end-of-file once this process exits, and its parent-death signal ends
-it if this process is killed."""
+worker process imports them again before its first image (about 3 s more). Started here, by
+`daemon.cli.program` before those imports, one worker process makes its imports while the
+daemon makes its own; the daemon's WorkerPool then adopts it and sends it its settings, and
+it starts on the first scan with its imports done. A child never adopted (the command failed,
+or the daemon dispatches to cluster workers) reads end-of-file once this process exits, and
+its parent-death signal ends it if this process is killed."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def started(index: int) -> Started:
 def start_for(argv: Sequence[str]) -> None:
     """For `watch` (options before it allowed), start one worker process now. Every other
     command starts none."""
-    command = next((a for a in _positionals(argv)), None)
-    if command == "watch" and not _started:
+    words = _positionals(argv)
+    if words[:1] == ["watch"] and not _started:
         _started.append(started(0))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import socket
 import time
 import traceback
@@ -128,7 +127,7 @@ class _Slot:
         self.index = index
         started = prewarm.adopt() if adopt else None
         self.process, self.conn = started or prewarm.started(index)
-        _send_quietly(self.conn, pickle.dumps(settings), raw=True)  # a dead child is polled
+        _send_quietly(self.conn, settings)  # a child that died meanwhile is polled
         self.task: Task | None = None
 
 
@@ -229,12 +228,9 @@ class WorkerPool:
         return events
 
 
-def _send_quietly(conn: Connection, message: Any, *, raw: bool = False) -> None:
+def _send_quietly(conn: Connection, message: Any) -> None:
     with contextlib.suppress(BrokenPipeError, OSError):
-        if raw:
-            conn.send_bytes(message)
-        else:
-            conn.send(message)
+        conn.send(message)
 
 
 # ------------------------------------------------------------------------------- child side

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 from multiprocessing.connection import Connection
 
@@ -35,7 +34,7 @@ def die_with_parent(parent: int) -> None:
 
 def main(conn: Connection, parent: int) -> None:
     """The spawn target. Once tied to its parent, the child makes its heavy imports, then reads
-    its settings, a pickled daemon.worker.WorkerSettings, as the first message on `conn`: a
+    its settings, a daemon.worker.WorkerSettings, as the first message on `conn`: a
     child started before the daemon knew its settings (daemon.prewarm) has its imports done by
     the time they come. End-of-file instead (a child never adopted) ends it quietly."""
     die_with_parent(parent)
@@ -46,10 +45,10 @@ def main(conn: Connection, parent: int) -> None:
     from daemon.worker import serve
 
     try:
-        settings = conn.recv_bytes()
+        settings = conn.recv()
     except (EOFError, OSError):
         os._exit(0)
-    serve(conn, pickle.loads(settings))
+    serve(conn, settings)
     # Every result was sent and every file it wrote is fsynced: the interpreter's teardown of
     # torch and the engines (about a second, which the daemon's stop would wait for) is
     # skipped, after the logs are flushed.

@@ -64,11 +64,11 @@ def drop(
     site: Cluster, count: int, size: int = 48, start: int = 0, image: str = BIRD
 ) -> list[Path]:
     """`count` different crops of a corpus image, written whole (renamed into place)."""
-    bird = np.asarray(Image.open(shared_file(image)).convert("RGB"))
+    pixels = np.asarray(Image.open(shared_file(image)).convert("RGB"))
     paths = []
     for index in range(start, start + count):
-        y, x = divmod(index * 7, max(1, bird.shape[1] - size))
-        crop = bird[y % (bird.shape[0] - size) :][:size, x : x + size]
+        y, x = divmod(index * 7, max(1, pixels.shape[1] - size))
+        crop = pixels[y % (pixels.shape[0] - size) :][:size, x : x + size]
         if crop.shape[0] < size or crop.shape[1] < size:
             crop = np.resize(crop, (size, size, 3))
         folder = site.scans / f"roll{index % 3}"

@@ -737,9 +737,9 @@ def test_once_takes_files_quiet_since_before_the_scan_without_waiting_again(tmp_
 
 
 def test_once_still_waits_for_files_quiet_for_less_than_the_delay(tmp_path):
-    write(tmp_path / "a.tif")
+    written = write(tmp_path / "a.tif")
     clock = SleepingClock()
-    soon = time.time() + 2.0  # quiet for 2 of the 5 s: 3 s left to wait
+    soon = os.lstat(written).st_ctime + 2.0  # quiet for 2 of the 5 s: 3 s left to wait
     result = run_once(
         tmp_path, stable_seconds=5.0, clock=clock, sleep=clock.sleep, wall_clock=lambda: soon
     )
